@@ -1,0 +1,84 @@
+"""Activation capture: what each unit passes to the next layer, one scalar per unit per sample.
+
+A unit's activation is the input its consumers read (after norm, non-linearity and pooling).
+A conv channel is summarised by spatial average pooling; a channel that a Flatten spreads over
+k inputs of a Linear is averaged over those k. When several layers consume a group (a
+residual stream), the unit's activation is the mean over its consumers (choice; the spec asks
+for the stream, which each consumer sees at a different depth).
+
+    acts, logits = capture_unit_activations(model, groups, x, batch_size=256)
+    acts["conv1"].shape == (len(x), groups[0].size)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mipp.groups import UnitGroup
+
+
+def _pool(inputs: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, size, ...) conv input or (n, size * k) flattened input -> (n, size)."""
+    if inputs.dim() > 2:
+        return inputs.flatten(2).mean(-1)
+    if inputs.shape[1] == size:
+        return inputs
+    return inputs.reshape(inputs.shape[0], size, -1).mean(-1)
+
+
+@torch.no_grad()
+def capture_unit_activations(
+    model: nn.Module, groups: Sequence[UnitGroup], x: torch.Tensor, *, batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run `x` through `model` in eval mode; returns ({group name: (n, size)}, logits (n, C)).
+
+    Results are float32 on the CPU. The model is left in the train/eval mode it had.
+    """
+    modules = dict(model.named_modules())
+    collected: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
+    per_batch: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for group in groups:
+        for consumer in group.consumers:
+            def hook(module, args, group=group):
+                per_batch.setdefault(group.name, []).append(_pool(args[0].float(), group.size))
+            hooks.append(modules[consumer].register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    logits = []
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            per_batch.clear()
+            logits.append(model(x[start:start + batch_size].to(device)).float().cpu())
+            for name, parts in per_batch.items():
+                collected[name].append(torch.stack(parts).mean(0).cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in collected.items()}, torch.cat(logits)
+
+
+@torch.no_grad()
+def capture_io(model: nn.Module, name: str, x: torch.Tensor, *, batch_size: int = 256,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Full input and output of module `name` over `x` (CPU float32), in eval mode."""
+    module = dict(model.named_modules())[name]
+    ins, outs = [], []
+    def record(m, args, out) -> None:  # a hook that returns a value would replace the output
+        ins.append(args[0].float().cpu())
+        outs.append(out.float().cpu())
+    hook = module.register_forward_hook(record)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            model(x[start:start + batch_size].to(device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(ins), torch.cat(outs)

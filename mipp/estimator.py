@@ -1,0 +1,199 @@
+"""Loss-reduction MI estimate with small MLP reconstructors, trained as one batched model.
+
+I(X; Y) ~ L(f_empty, Y) - L(f(X), Y) (Covert et al. 2020): the drop in validation MSE that a
+predictor of Y gains from X. Every comparison the engine makes shares L(f_empty), so the
+engine compares validation losses directly. B independent MLPs (the R repeats, the
+single-unit predictors, a block of candidates x R) train at once through `torch.baddbmm`;
+Adam is element-wise, so one optimizer over the stacked weights equals B independent ones.
+
+    mlps = BatchedMLP.create(n_models=5, d_in=16, hidden=32, d_out=10, generator=g)
+    val_loss = fit(mlps, split, epochs=100, patience=3, lr=3e-3, batch_size=256, generator=g)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Split:
+    """Standardised calibration activations split into train and validation rows.
+
+    x_*: (n, d_in); y_*: (n, d_out).
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+class BatchedMLP(nn.Module):
+    """B independent MLPs d_in -> hidden (ReLU) -> d_out.
+
+    forward(x): x is (B, n, d_in) or (n, d_in) shared by all models; returns (B, n, d_out).
+    """
+
+    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(w1), nn.Parameter(b1)
+        self.w2, self.b2 = nn.Parameter(w2), nn.Parameter(b2)
+
+    @classmethod
+    def create(cls, n_models: int, d_in: int, hidden: int, d_out: int, *,
+               generator: torch.Generator, device: torch.device | str = "cpu") -> BatchedMLP:
+        """Kaiming-uniform init like nn.Linear, drawn from `generator` (on the CPU, then moved)."""
+        def uniform(shape, fan_in):
+            bound = 1.0 / math.sqrt(fan_in)
+            return (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(device)
+        return cls(uniform((n_models, d_in, hidden), d_in), uniform((n_models, 1, hidden), d_in),
+                   uniform((n_models, hidden, d_out), hidden), uniform((n_models, 1, d_out), hidden))
+
+    @property
+    def n_models(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.expand(self.n_models, *x.shape)
+        hidden = torch.relu(torch.baddbmm(self.b1, x, self.w1))
+        return torch.baddbmm(self.b2, hidden, self.w2)
+
+    def tiled(self, times: int) -> BatchedMLP:
+        """A copy with every model repeated `times` times, consecutively:
+        model index b*R + r of the copy is model r of `self` (R = self.n_models) for block b."""
+        return BatchedMLP(*(p.detach().repeat(times, 1, 1).clone() for p in self.parameters()))
+
+    def pick(self, index: int) -> BatchedMLP:
+        """A copy of model `index` alone."""
+        return BatchedMLP(*(p.detach()[index:index + 1].clone() for p in self.parameters()))
+
+    def copy(self) -> BatchedMLP:
+        return self.tiled(1)
+
+
+def per_model_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE per model: pred (B, n, d), target (n, d) or (B, n, d) -> (B,)."""
+    return (pred - target).pow(2).mean(dim=(1, 2))
+
+
+@torch.no_grad()
+def evaluate(mlps: BatchedMLP, x: torch.Tensor, y: torch.Tensor,
+             mask: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """Validation loss per model (B,); `mask` (B, d_in) zeroes input columns per model."""
+    total = torch.zeros(mlps.n_models, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        total += per_model_loss(mlps(_masked(xb, mask, mlps.n_models)), yb) * xb.shape[0]
+    return total / x.shape[0]
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None, n_models: int) -> torch.Tensor:
+    if mask is None:
+        return x
+    return x.unsqueeze(0) * mask.unsqueeze(1) if x.dim() == 2 else x * mask.unsqueeze(1)
+
+
+def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float,
+        batch_size: int, generator: torch.Generator, mask: torch.Tensor | None = None,
+        x_per_model: bool = False) -> torch.Tensor:
+    """Train every model with Adam on MSE, early stopping each on its validation loss.
+
+    mask: (B, d_in) of 0/1, the input columns each model may see (masked columns are set to 0,
+    the mean of a standardised column). x_per_model: split.x_* are (B, n, d_in), one input per
+    model (the single-unit predictors). On return every model holds its best-validation weights;
+    returns those validation losses, (B,).
+    """
+    opt = torch.optim.Adam(mlps.parameters(), lr=lr)
+    n = split.x_train.shape[-2]
+    best = evaluate_split(mlps, split, mask, x_per_model)
+    best_params = [p.detach().clone() for p in mlps.parameters()]
+    waited = torch.zeros_like(best)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(split.x_train.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            xb = split.x_train[:, idx] if x_per_model else split.x_train[idx]
+            loss = per_model_loss(mlps(_masked(xb, mask, mlps.n_models)), split.y_train[idx]).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        val = evaluate_split(mlps, split, mask, x_per_model)
+        improved = val < best
+        best = torch.where(improved, val, best)
+        waited = torch.where(improved, torch.zeros_like(waited), waited + 1)
+        with torch.no_grad():
+            for saved, p in zip(best_params, mlps.parameters()):
+                saved[improved] = p[improved]
+        if bool((waited >= patience).all()):
+            break
+    with torch.no_grad():
+        for saved, p in zip(best_params, mlps.parameters()):
+            p.copy_(saved)
+    return best
+
+
+def evaluate_split(mlps: BatchedMLP, split: Split, mask: torch.Tensor | None = None,
+                   x_per_model: bool = False) -> torch.Tensor:
+    if x_per_model:
+        with torch.no_grad():
+            return per_model_loss(mlps(split.x_val), split.y_val)
+    return evaluate(mlps, split.x_val, split.y_val, mask)
+
+
+def hidden_width(d_out: int, cap: int) -> int:
+    """The spec's reconstructor width: 2 * d_out, capped."""
+    return max(1, min(2 * d_out, cap))
+
+
+def estimate_loss_reduction(x: torch.Tensor, y: torch.Tensor, *, repeats: int = 3,
+                            epochs: int = 100, patience: int = 5, hidden_cap: int = 256,
+                            lr: float = 3e-3, batch_size: int = 256, val_fraction: float = 0.2,
+                            seed: int = 0) -> float:
+    """Loss-reduction estimate of I(X; Y) in units of standardised MSE.
+
+    x: (n, d_in), y: (n, d_out), both standardised by the caller. Returns
+    L_empty - mean_r L_r on the validation rows, where L_empty is the constant predictor's loss
+    (the training mean). Near 0 when y does not depend on x, positive when it does.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    split = split_rows(x, y, val_fraction, generator)
+    mlps = BatchedMLP.create(repeats, x.shape[1], hidden_width(y.shape[1], hidden_cap), y.shape[1],
+                             generator=generator, device=x.device)
+    losses = fit(mlps, split, epochs=epochs, patience=patience, lr=lr, batch_size=batch_size,
+                 generator=generator)
+    return float(empty_loss(split) - losses.mean())
+
+
+def empty_loss(split: Split) -> float:
+    """Validation loss of the constant predictor (the training mean of y)."""
+    return float((split.y_val - split.y_train.mean(0)).pow(2).mean())
+
+
+def split_rows(x: torch.Tensor, y: torch.Tensor, val_fraction: float,
+               generator: torch.Generator) -> Split:
+    """Random train/validation split of rows (seeded)."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator).to(x.device)
+    n_val = max(1, int(round(n * val_fraction)))
+    val, train = order[:n_val], order[n_val:]
+    return Split(x[train], y[train], x[val], y[val])
+
+
+def standardise(a: torch.Tensor, std_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-standardise `a` (n, d) with each std floored at std_floor x the median std.
+
+    The floor keeps near-dead units (a ReLU that fires on 1 sample in 5,000) from becoming huge
+    outliers. Returns (standardised, constant) where `constant` (d,) marks exactly-constant
+    columns (they become all-zero).
+    """
+    mean, std = a.mean(0), a.std(0)
+    constant = std == 0
+    live = std[~constant]
+    floor = std_floor * live.median() if live.numel() else torch.tensor(1.0)
+    scale = torch.where(constant, torch.ones_like(std), std.clamp_min(float(floor)))
+    return (a - mean) / scale, constant
