@@ -1,0 +1,243 @@
+"""The `mipp` command: train, prune and evaluate zoo models; service commands come as plugins.
+
+    mipp train --arch lenet5 --dataset mnist --epochs 3 --out runs/lenet5
+    mipp prune runs/lenet5 --dataset mnist --tol 0.1 --retrain-epochs 1 --out runs/lenet5-mipp
+    mipp evaluate runs/lenet5-mipp --dataset mnist
+
+Subcommands outside the engine (`serve`, `admin`) register through the entry-point group
+`mipp.commands`: each entry is a function `register(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import entry_points
+
+from tqdm import tqdm
+
+from mipp.errors import MippError
+
+
+class ProgressBar:
+    """A `ProgressCallback` that draws one tqdm bar per phase on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.phase: str | None = None
+        self.bar: tqdm | None = None
+
+    def __call__(self, phase: str, fraction: float, message: str = "") -> None:
+        if not self.enabled:
+            return
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(total=1000, desc=f"{phase:>10}", unit="‰", leave=True,
+                            bar_format="{desc} {percentage:3.0f}%|{bar:30}| {elapsed} {postfix}")
+        self.bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
+        self.bar.set_postfix_str(message[:60], refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"widths\": [300, 100]}'")
+    return value
+
+
+def _train_config(args, epochs_attr: str = "epochs"):
+    from mipp.config import TrainConfig
+    return TrainConfig(epochs=getattr(args, epochs_attr), batch_size=args.batch_size,
+                       optimizer=args.optimizer, lr=args.lr)
+
+
+def _add_train_options(parser: argparse.ArgumentParser, epochs: int, flag: str = "--epochs") -> None:
+    parser.add_argument(flag, type=int, default=epochs, dest=flag.lstrip("-").replace("-", "_"),
+                        help=f"epochs of training (default {epochs})")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    parser.add_argument("--lr", type=float, default=1e-3)
+
+
+def _load_data(args):
+    from mipp.data import as_dataset
+    data = as_dataset(args.dataset)
+    if getattr(args, "limit_train", None) or getattr(args, "limit_test", None):
+        data = data.subset(n_train=args.limit_train, n_test=args.limit_test, seed=0)
+    return data
+
+
+def cmd_train(args) -> int:
+    from mipp.artifacts import save_dense_dir
+    from mipp.training import evaluate, train
+    from mipp.zoo import build_model
+
+    data = _load_data(args)
+    model = build_model(args.arch, data.input_shape, data.num_classes, seed=args.seed,
+                        **args.config)
+    bar = ProgressBar(not args.quiet)
+    history = train(model, data, _train_config(args), device=args.device, seed=args.seed,
+                    progress=bar)
+    bar.close()
+    scores = evaluate(model, data.x_test, data.y_test, device=args.device)
+    save_dense_dir(model.cpu(), args.out, {"accuracy": scores["accuracy"], "loss": scores["loss"],
+                                           "history": history})
+    print(f"{args.arch} on {args.dataset}: test accuracy {scores['accuracy']:.4f} -> {args.out}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from mipp.artifacts import load_model_dir
+    from mipp.config import PruneConfig
+    from mipp.pipeline import prune
+
+    overrides = dict(args.set)
+    fields = {"method": args.method, "mode": args.mode, "confidence": args.confidence,
+              "tol": args.tol, "target": args.target, "path": args.path, "refit": not args.no_refit,
+              "repeats": args.repeats, "calibration_samples": args.calibration_samples,
+              "seed": args.seed, "device": args.device,
+              "retrain": _train_config(args, "retrain_epochs")}
+    config = PruneConfig(**{k: v for k, v in fields.items() if v is not None}, **overrides)
+    model = load_model_dir(args.model_dir)
+    if args.mode == "at-init":
+        model = model.zoo_spec.build(seed=args.seed)
+    data = _load_data(args)
+    bar = ProgressBar(not args.quiet)
+    result = prune(model, data, config, spec=model.zoo_spec, progress=bar)
+    bar.close()
+    result.save(args.out)
+    print(format_report(result.layers, result.metrics))
+    print(f"saved to {args.out}")
+    return 0
+
+
+def format_report(layers: list[dict], metrics: dict) -> str:
+    """The per-layer table and the headline figures that `mipp prune` ends with."""
+    rows = [f"{'layer':<24} {'units':>14} {'kept':>7}"]
+    for layer in layers:
+        before, after = layer["units_before"], layer["units_after"]
+        rows.append(f"{layer['name']:<24} {before:>6} -> {after:<5} {after / before:>7.1%}")
+    acc, units = metrics["accuracy"], metrics["units"]
+
+    def pct(value):
+        return "   n/a" if value is None else f"{value:.4f}"
+    rows += [
+        "",
+        f"units removed   {units['before'] - units['after']}/{units['before']} "
+        f"({units['removed_fraction']:.1%})",
+        f"params          {metrics['params']['before']:,} -> {metrics['params']['after']:,}",
+        f"MACs            {metrics['macs']['before']:,} -> {metrics['macs']['after']:,}",
+        f"accuracy        dense {pct(acc['dense'])} | pruned {pct(acc['pruned_no_refit'])} "
+        f"| refit {pct(acc['pruned'])} | retrained {pct(acc['retrained'])}",
+        "seconds         " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["seconds"].items()),
+    ]
+    return "\n".join(rows)
+
+
+def cmd_evaluate(args) -> int:
+    from mipp.artifacts import load_model_dir
+    from mipp.groups import count_params
+    from mipp.training import evaluate
+
+    model = load_model_dir(args.model_dir)
+    data = _load_data(args)
+    scores = evaluate(model, data.x_test, data.y_test, device=args.device)
+    print(json.dumps({"accuracy": scores["accuracy"], "loss": scores["loss"],
+                      "params": count_params(model), "test_samples": len(data.x_test)}, indent=2))
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError("use KEY=VALUE, e.g. repeats=3 or reconstructor={\"epochs\": 50}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mipp", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dataset", required=True,
+                        help="built-in name (digits, mnist, fashion-mnist, cifar10, cifar100), "
+                             "NAME:DATA_DIR, or a .npz file with x, y[, x_test, y_test]")
+    common.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--limit-train", type=int, help="use a random subset of training samples")
+    common.add_argument("--limit-test", type=int, help="use a random subset of test samples")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("train", parents=[common], help="train a zoo model, write a model directory")
+    p.add_argument("--arch", required=True, help="zoo architecture, e.g. mlp, lenet5, resnet20")
+    p.add_argument("--config", type=_json_object, default={},
+                   help="architecture options as JSON, e.g. '{\"widths\": [300, 100]}'")
+    _add_train_options(p, epochs=3)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prune", parents=[common], help="prune a model directory")
+    p.add_argument("model_dir")
+    p.add_argument("--method", default="mipp", help="mipp, or a baseline: random, l1, taylor, "
+                                                   "thinet, snip, grasp, synflow")
+    p.add_argument("--mode", choices=["after-training", "at-init"], default="after-training")
+    p.add_argument("--confidence", type=float, help="the paper's x in (0, 1) (default 0.9)")
+    p.add_argument("--tol", type=float, help="fraction of a layer's MI that may be lost (default 0.05)")
+    p.add_argument("--target", type=float, help="fraction of units to remove overall (0-1)")
+    p.add_argument("--path", choices=["fast", "sequential"])
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--calibration-samples", type=int)
+    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other PruneConfig field (JSON value), repeatable")
+    _add_train_options(p, epochs=1, flag="--retrain-epochs")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("evaluate", parents=[common], help="test accuracy of a model directory")
+    p.add_argument("model_dir")
+    p.set_defaults(func=cmd_evaluate)
+
+    for entry in entry_points(group="mipp.commands"):
+        try:
+            entry.load()(sub)
+        except ImportError as exc:  # the service extra is not installed
+            print(f"note: `{entry.name}` commands unavailable ({exc})", file=sys.stderr)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MippError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from pydantic import ValidationError
+        if isinstance(exc, ValidationError):
+            print("error: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                         for e in exc.errors()), file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
