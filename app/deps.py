@@ -1,0 +1,96 @@
+"""Typed dependencies: the session, the store, the caller, and owned resources (404 if not yours).
+
+Routes hold no lookup or ownership code: `job: OwnedJob` is the caller's job or a 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Select
+from sqlalchemy.orm import Session
+
+from app.errors import NotFound, Unauthorized
+from app.models import Dataset, Job, ModelFile, User
+from app.queue import JobQueue
+from app.security import user_for_key
+from app.settings import Settings
+from app.storage import ObjectStore
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def get_store(request: Request) -> ObjectStore:
+    return request.app.state.store
+
+
+def get_queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_db)]
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+
+bearer = HTTPBearer(auto_error=False, description="An API key from `mipp admin create-user`.")
+
+
+def get_current_user(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> User:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    user = user_for_key(session, credentials.credentials)
+    if user is None:
+        raise Unauthorized("invalid or revoked API key")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def visible(stmt: Select, column, user: User) -> Select:
+    """Restrict a query to the caller's rows unless the caller is an admin."""
+    return stmt if user.is_admin else stmt.where(column == user.id)
+
+
+def owned_row(session: Session, cls, object_id: str, user: User, what: str):
+    row = session.get(cls, object_id)
+    if row is None or (row.owner_id != user.id and not user.is_admin):
+        # Another user's id answers exactly like a missing one.
+        raise NotFound(f"{what} {object_id!r} not found")
+    return row
+
+
+def owned_job(session: SessionDep, user: CurrentUser, job_id: Annotated[str, Path()]) -> Job:
+    return owned_row(session, Job, job_id, user, "job")
+
+
+def owned_model(session: SessionDep, user: CurrentUser, model_id: Annotated[str, Path()]) -> ModelFile:
+    return owned_row(session, ModelFile, model_id, user, "model")
+
+
+def owned_dataset(
+    session: SessionDep, user: CurrentUser, dataset_id: Annotated[str, Path()]
+) -> Dataset:
+    return owned_row(session, Dataset, dataset_id, user, "dataset")
+
+
+OwnedJob = Annotated[Job, Depends(owned_job)]
+OwnedModel = Annotated[ModelFile, Depends(owned_model)]
+OwnedDataset = Annotated[Dataset, Depends(owned_dataset)]

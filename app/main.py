@@ -1,0 +1,136 @@
+"""The FastAPI application: `create_app(settings)`; run with
+`uvicorn app.main:create_app --factory` (or `mipp serve`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.errors import install_error_handlers
+from app.queue import JobQueue
+from app.routes import datasets, health, jobs, models, users
+from app.settings import Settings, get_settings
+from app.storage import make_store
+
+API_PREFIX = "/api/v1"
+log = logging.getLogger("mipp.api")
+
+
+class BodySizeLimit:
+    """Refuse bodies above `max_bytes` (413) before they are spooled: FastAPI has no limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_large = JSONResponse(
+            {"detail": f"request body above the limit of {self.max_bytes} bytes", "code": "too_large"},
+            status_code=413,
+        )
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _BodyTooLarge:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Sweeper:
+    """Every `interval` seconds, re-queue or fail running jobs whose worker went quiet."""
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="mipp-sweeper", daemon=True)
+
+    def _loop(self) -> None:
+        settings: Settings = self.app.state.settings
+        while not self.stop.wait(settings.sweeper_interval_s):
+            try:
+                sweep_once(self.app)
+            except Exception:  # noqa: BLE001 - keep sweeping; the next round may succeed
+                log.exception("sweeper round failed")
+
+
+def sweep_once(app: FastAPI) -> tuple[list[str], list[str]]:
+    from app.jobs import sweep
+    from app.models import Job
+
+    settings: Settings = app.state.settings
+    with session_scope(app.state.sessionmaker) as session:
+        requeued, failed = sweep(
+            session, stale_after_s=settings.stale_heartbeat_s, max_attempts=settings.max_attempts
+        )
+        for job_id in requeued:
+            job = session.get(Job, job_id)
+            app.state.queue.enqueue(job_id, job.queue, job.time_limit_s)
+    if requeued or failed:
+        log.warning("sweeper: re-queued %s, failed %s", requeued, failed)
+    return requeued, failed
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sweeper = None
+        if settings.sweeper_interval_s > 0:
+            sweeper = Sweeper(app)
+            sweeper.thread.start()
+        yield
+        if sweeper is not None:
+            sweeper.stop.set()
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="mipp pruning service",
+        version="0.1.0",
+        summary="Upload a model and a dataset, run a pruning job on a GPU worker, download the result.",
+        lifespan=lifespan,
+    )
+    engine = make_engine(settings.database_url)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.store = make_store(settings)
+    app.state.queue = JobQueue(settings)
+    install_error_handlers(app)
+
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (users, models, datasets, jobs):
+        api.include_router(module.router)
+    app.include_router(api)
+    app.include_router(health.router)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> dict[str, str]:
+        return {"service": "mipp", "docs": "/docs", "api": API_PREFIX}
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
+    return app

@@ -1,0 +1,96 @@
+"""The job queue: Celery settings shared by the API (producer) and the worker (consumer).
+
+Messages carry only a job id; the database row is the job's state. The API never imports the
+worker's task code: it sends the task by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.settings import Settings
+
+RUN_JOB_TASK = "mipp.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for long GPU jobs (see ../shared/references/service-practice.md)."""
+    transport_options: dict[str, Any] = {}
+    if settings.broker_url.startswith("filesystem"):
+        folder = str(settings.broker_dir / "queue")
+        transport_options = {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            "control_folder": str(settings.broker_dir / "control"),
+            "processed_folder": str(settings.broker_dir / "processed"),
+            "store_processed": False,
+            "polling_interval": settings.broker_polling_interval_s,
+        }
+    elif settings.broker_url.startswith("sqla+"):
+        transport_options = {"polling_interval": settings.broker_polling_interval_s}
+    else:
+        # Redis/SQS redeliver an unacked message after this; it must exceed the longest job.
+        transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        "visibility_timeout": settings.visibility_timeout_s,
+        "result_backend": None,
+        "task_ignore_result": True,  # job state lives in the database
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,  # one process per GPU
+        "worker_max_tasks_per_child": 1,  # fresh process per job: frees CUDA memory
+        "worker_hijack_root_logger": False,
+        "task_soft_time_limit": settings.soft_time_limit_s,
+        "task_time_limit": settings.hard_time_limit_s,
+        "task_default_queue": settings.default_queue,
+        "task_create_missing_queues": True,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        "worker_send_task_events": False,
+        "enable_utc": True,
+    }
+
+
+def ensure_broker_dirs(settings: Settings) -> None:
+    """The filesystem transport needs its folders to exist before anyone connects."""
+    if settings.broker_url.startswith("filesystem"):
+        for name in ("queue", "control", "processed"):
+            (settings.broker_dir / name).mkdir(parents=True, exist_ok=True)
+
+
+def make_celery(settings: Settings, name: str = "mipp") -> Celery:
+    ensure_broker_dirs(settings)
+    celery = Celery(name)
+    celery.conf.update(celery_config(settings))
+    return celery
+
+
+class JobQueue:
+    """Enqueue job ids by name; the only thing the API knows about Celery."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.celery = make_celery(settings, name="mipp-api")
+
+    def enqueue(self, job_id: str, queue: str, time_limit_s: int) -> None:
+        self.celery.send_task(
+            RUN_JOB_TASK,
+            args=[job_id],
+            queue=queue,
+            soft_time_limit=time_limit_s,
+            time_limit=time_limit_s + self.settings.hard_time_limit_grace_s,
+        )
+
+    def check(self) -> None:
+        """Raise if the broker cannot be reached."""
+        with self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)

@@ -1,0 +1,48 @@
+"""API keys: random tokens shown once; only their sha256 is stored.
+
+The tokens carry 256 bits of entropy, so a fast unsalted hash is enough (no password hashing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import ApiKey, User
+
+KEY_PREFIX = "mipp_"
+
+
+def hash_key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_api_key(session: Session, user: User) -> str:
+    """Create a key for `user` and return the token (the only time it is visible)."""
+    token = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(user=user, prefix=token[:12], key_hash=hash_key(token)))
+    return token
+
+
+def create_user(session: Session, name: str, *, is_admin: bool = False) -> tuple[User, str]:
+    """Create a user with one API key; raise ValueError when the name is taken."""
+    name = name.strip()
+    if not name:
+        raise ValueError("user name must not be empty")
+    if session.scalar(select(User).where(User.name == name)) is not None:
+        raise ValueError(f"a user named {name!r} already exists")
+    user = User(name=name, is_admin=is_admin)
+    session.add(user)
+    token = new_api_key(session, user)
+    session.flush()
+    return user, token
+
+
+def user_for_key(session: Session, token: str) -> User | None:
+    key = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(token), ApiKey.revoked.is_(False))
+    )
+    return key.user if key is not None else None
