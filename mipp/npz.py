@@ -17,6 +17,7 @@ import numpy as np
 from mipp.errors import DataError
 
 MIN_TRAIN_SAMPLES = 20
+MAX_BYTES = 8 * 2**30  # uncompressed size of all arrays; a small zip can inflate enormously
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float
 
 
@@ -113,8 +114,20 @@ def _check_y(y: np.ndarray, key: str, n_samples: int, x_key: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _read_and_check(path: str | Path, max_classes: int) -> tuple[dict[str, np.ndarray],
-                                                                 NpzSummary]:
+def _check_size(archive: np.lib.npyio.NpzFile, keys: list[str], path: Path,
+                max_bytes: int) -> None:
+    """Refuse before decompressing when the members' declared sizes exceed `max_bytes`."""
+    members = set(archive.zip.namelist())
+    total = sum(archive.zip.getinfo(f"{key}.npy" if f"{key}.npy" in members else key).file_size
+                for key in keys)
+    if total > max_bytes:
+        raise DataError(
+            f"{path.name!r} holds {total / 2**30:.1f} GiB of arrays once uncompressed, above "
+            f"the limit of {max_bytes / 2**30:.1f} GiB; upload a subset of the samples")
+
+
+def _read_and_check(path: str | Path, max_classes: int,
+                    max_bytes: int) -> tuple[dict[str, np.ndarray], NpzSummary]:
     path = Path(path)
     with _open(path) as archive:
         keys = set(archive.files)
@@ -130,6 +143,7 @@ def _read_and_check(path: str | Path, max_classes: int) -> tuple[dict[str, np.nd
                 f"{path.name!r} has {present!r} but no {absent!r}; give both or neither "
                 "(without them 20% of the training data is held out)")
         wanted = ["x", "y"] + (["x_test", "y_test"] if "x_test" in keys else [])
+        _check_size(archive, wanted, path, max_bytes)
         arrays = {key: _read(archive, key, path) for key in wanted}
 
     x = arrays["x"]
@@ -170,21 +184,24 @@ def _read_and_check(path: str | Path, max_classes: int) -> tuple[dict[str, np.nd
     return arrays, summary
 
 
-def validate_npz(path: str | Path, max_classes: int = 10_000) -> NpzSummary:
+def validate_npz(path: str | Path, max_classes: int = 10_000,
+                 max_bytes: int = MAX_BYTES) -> NpzSummary:
     """Check an uploaded .npz dataset without unpickling anything; return what it holds.
 
     Raises DataError (naming the array key and the fix) for: not a .npz, object arrays,
     missing x/y, x_test without y_test (or the reverse), non-numeric x, NaN/inf in x,
     x not (N, D)/(N, H, W)/(N, C, H, W), y not 1-D integral labels, len(x) != len(y),
     negative labels or more than `max_classes` classes, fewer than 20 training samples,
-    fewer than 2 classes, test samples of another shape or with unseen labels.
+    fewer than 2 classes, test samples of another shape or with unseen labels, arrays larger
+    than `max_bytes` uncompressed (checked before decompressing).
     """
-    return _read_and_check(path, max_classes)[1]
+    return _read_and_check(path, max_classes, max_bytes)[1]
 
 
-def load_npz_arrays(path: str | Path, max_classes: int = 10_000) -> dict[str, np.ndarray]:
+def load_npz_arrays(path: str | Path, max_classes: int = 10_000,
+                    max_bytes: int = MAX_BYTES) -> dict[str, np.ndarray]:
     """Validated arrays of an upload: x, y (int64), and x_test, y_test (int64) when present.
 
     x keeps its stored dtype and shape; raises DataError as `validate_npz`.
     """
-    return _read_and_check(path, max_classes)[0]
+    return _read_and_check(path, max_classes, max_bytes)[0]

@@ -310,6 +310,15 @@ def test_not_a_zip(tmp_path, content):
         validate_npz(path)
 
 
+def test_npz_size_limit_is_checked_before_decompressing(tmp_path):
+    path = tmp_path / "big.npz"
+    np.savez_compressed(path, x=np.zeros((2000, 100)), y=np.arange(2000) % 2)
+    assert path.stat().st_size < 100_000  # zeros compress to almost nothing
+    with pytest.raises(DataError, match="GiB.*limit"):
+        validate_npz(path, max_bytes=1_000_000)
+    assert validate_npz(path).n_train == 2000
+
+
 def test_npy_and_pickle_files_are_not_npz(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros(3))
     with pytest.raises(DataError, match="not a valid .npz file"):
