@@ -1,0 +1,25 @@
+"""Celery application of the GPU workers.
+
+    CUDA_VISIBLE_DEVICES=0 celery -A worker.celery_app worker --pool prefork -c 1 -Q gpu-default
+
+Settings (broker, database, store, limits) come from the same MIPP_* variables as the API;
+see app.queue.celery_config for the long-job settings (acks_late, prefetch 1, a fresh process
+per job, time limits, visibility timeout).
+"""
+
+from __future__ import annotations
+
+from app.queue import RUN_JOB_TASK, make_celery
+from app.settings import get_settings
+
+settings = get_settings()
+celery = make_celery(settings, name="mipp-worker")
+app = celery  # `celery -A worker.celery_app` finds `app` or `celery`
+
+
+@celery.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True)
+def run_job(self, job_id: str) -> str:
+    """Run job `job_id` (the message carries nothing else); returns the outcome."""
+    from worker.runner import run_job as run
+
+    return run(job_id, settings=settings, worker_name=self.request.hostname or "worker")
