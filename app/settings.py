@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(2, ge=1, description="Runs a job may get after worker deaths.")
     sweeper_interval_s: float = Field(30.0, ge=0, description="0 disables the API's sweeper.")
     worker_device: str = Field("auto", description="Device for jobs whose config says auto.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads per job (torch.set_num_threads); None: torch's default."
+    )
     datasets_dir: Path | None = Field(None, description="Where built-in datasets are read.")
     allow_unsafe_model_formats: bool = False
 

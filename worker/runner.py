@@ -186,11 +186,15 @@ class JobRun:
         self.store.get_file(model_row.store_key, weights)
         reporter.check()
 
+        import torch
+
         import mipp  # lazily: torch is imported in the job's process only
         from mipp.config import PruneConfig
         from mipp.data import load_dataset, load_npz
         from mipp.zoo import ModelSpec, load_weights
 
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
         if data_row.kind == "npz":
             data_path = work / "data.npz"
             self.store.get_file(data_row.store_key, data_path)
