@@ -6,19 +6,29 @@
     mipp.train(model, data, mipp.TrainConfig(epochs=20))
     result = mipp.prune(model, data, mipp.PruneConfig(tol=0.1))
     result.save("pruned")
+
+Names are imported lazily, so that `import mipp.npz` or `mipp.config` (which the API process
+uses) does not load torch.
 """
 
-from mipp.artifacts import export_onnx, load_model_dir, save_dense_dir
-from mipp.config import PruneConfig, ReconstructorConfig, TrainConfig
-from mipp.errors import Cancelled, ConfigError, DataError, MippError, ModelError
-from mipp.pipeline import PruneResult, prune
-from mipp.training import evaluate, train
-from mipp.zoo import ModelSpec, build_model, load_weights
+from importlib import import_module
 
-__all__ = [
-    "Cancelled", "ConfigError", "DataError", "MippError", "ModelError", "ModelSpec",
-    "PruneConfig", "PruneResult", "ReconstructorConfig", "TrainConfig", "build_model",
-    "evaluate", "export_onnx", "load_model_dir", "load_weights",
-    "prune", "save_dense_dir", "train",
-]
+_EXPORTS = {
+    "export_onnx": "mipp.artifacts", "load_model_dir": "mipp.artifacts",
+    "save_dense_dir": "mipp.artifacts",
+    "PruneConfig": "mipp.config", "ReconstructorConfig": "mipp.config", "TrainConfig": "mipp.config",
+    "Dataset": "mipp.data", "load_dataset": "mipp.data", "load_npz": "mipp.data",
+    "Cancelled": "mipp.errors", "ConfigError": "mipp.errors", "DataError": "mipp.errors",
+    "MippError": "mipp.errors", "ModelError": "mipp.errors",
+    "PruneResult": "mipp.pipeline", "prune": "mipp.pipeline",
+    "evaluate": "mipp.training", "train": "mipp.training",
+    "ModelSpec": "mipp.zoo", "build_model": "mipp.zoo", "load_weights": "mipp.zoo",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mipp' has no attribute {name!r}")
