@@ -29,19 +29,6 @@ REDIS_DB = int(os.environ.get("MIPP_TEST_REDIS_DB", "13"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 RUN_ID = os.getpid()
 
-# Tiny pruning runs: seconds on 2 CPU cores.
-FAST_MIPP = {
-    "calibration_samples": 512,
-    "repeats": 2,
-    "reconstructor": {"epochs": 5, "finetune_epochs": 2, "ordering_epochs": 2},
-    "retrain": {"epochs": 2, "batch_size": 128},
-    "device": "cpu",
-}
-QUICK_RANDOM = {"method": "random", "target": 0.5, "retrain": {"epochs": 1}, "device": "cpu"}
-LONG_RANDOM = {"method": "random", "target": 0.5, "retrain": {"epochs": 5000, "batch_size": 16},
-               "device": "cpu"}
-
-
 def _reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):

@@ -1,0 +1,178 @@
+"""Jobs run by real Celery worker processes: end to end, cancel, time limit, duplicate
+delivery, the sweeper. Each runs against the team setup and the embedded default."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy import update
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# Tiny pruning runs: seconds on 2 CPU cores.
+FAST_MIPP = {
+    "calibration_samples": 512,
+    "repeats": 2,
+    "reconstructor": {"epochs": 5, "finetune_epochs": 2, "ordering_epochs": 2},
+    "retrain": {"epochs": 2, "batch_size": 128},
+    "device": "cpu",
+}
+QUICK_RANDOM = {"method": "random", "target": 0.5, "retrain": {"epochs": 1}, "device": "cpu"}
+LONG_RANDOM = {"method": "random", "target": 0.5, "retrain": {"epochs": 5000, "batch_size": 16},
+               "device": "cpu"}
+
+
+def _download(service, user: str, url: str) -> bytes:
+    r = service.client.get(url, headers=service.headers(user), follow_redirects=False)
+    if r.status_code == 307:  # S3: a short-lived presigned URL on the store itself
+        r = httpx.get(r.headers["location"], timeout=30)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+@pytest.fixture
+def inputs(service, digits_files):
+    service.add_user("owner")
+    model = service.upload_model("owner", digits_files["weights"])
+    dataset = service.upload_dataset("owner", digits_files["npz"])
+    return model["id"], dataset["id"]
+
+
+def test_end_to_end_digits(service, digits_files, inputs, tmp_path):
+    model_id, dataset_id = inputs
+    submitted = time.monotonic()
+    job = service.submit("owner", model_id, dataset_id, FAST_MIPP)
+    assert job["status"] == "queued" and job["attempt"] == 0
+    seen: list = []
+    done = service.wait("owner", job["id"], seen=seen)
+    wall = time.monotonic() - submitted
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempt"] == 1 and done["progress"] == 1.0
+    assert done["started_at"] >= done["created_at"] and done["finished_at"] >= done["started_at"]
+    running_phases = {phase for status, phase, _ in seen if status == "running"}
+    assert running_phases & {"loading", "selecting", "retraining"}, seen
+    assert any(0 < progress < 1 for status, _, progress in seen if status == "running"), seen
+
+    metrics = done["metrics"]
+    assert metrics["params"]["after"] < metrics["params"]["before"]
+    layers = service.client.get(f"/api/v1/jobs/{job['id']}/layers",
+                                headers=service.headers("owner")).json()
+    assert [layer["name"] for layer in layers] == ["fc1", "fc2", "fc3"]
+    assert all(layer["units_after"] <= layer["units_before"] for layer in layers)
+    assert "mi_estimate" in layers[0]["details"]
+
+    artifacts = service.client.get(f"/api/v1/jobs/{job['id']}/artifacts",
+                                   headers=service.headers("owner")).json()
+    names = {a["name"] for a in artifacts}
+    assert {"model.tar.gz", "masks.json", "metrics.json", "log.txt"} <= names
+    archive = _download(service, "owner", next(a["url"] for a in artifacts if a["name"] == "model.tar.gz"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp_path, filter="data")
+
+    import mipp
+    from mipp.artifacts import load_model_dir
+    from mipp.data import load_npz
+    from mipp.groups import count_params
+
+    pruned = load_model_dir(tmp_path / "model")
+    assert count_params(pruned) == metrics["params"]["after"]
+    data = load_npz(digits_files["npz"])
+    accuracy = mipp.evaluate(pruned, data.x_test, data.y_test, device="cpu")["accuracy"]
+    assert accuracy == pytest.approx(metrics["accuracy"]["retrained"], abs=1e-6)
+    masks = _download(service, "owner", f"/api/v1/jobs/{job['id']}/artifacts/masks.json")
+    assert set(httpx.Response(200, content=masks).json()) == {"fc1", "fc2", "fc3"}
+    print(f"\n[{service.name}] end-to-end digits job: {wall:.1f} s wall")
+
+
+def test_duplicate_delivery_runs_once(service, inputs):
+    model_id, dataset_id = inputs
+    job = service.submit("owner", model_id, dataset_id, QUICK_RANDOM)
+    done = service.wait("owner", job["id"])
+    assert done["status"] == "succeeded", done["error"]
+    # The broker delivers the same job id again: the claim finds nothing and the task exits.
+    service.app.state.queue.enqueue(job["id"], done["queue"], 60)
+    marker = f"job {job['id']}: nothing to claim".encode()
+    deadline = time.monotonic() + 60
+    while marker not in service.worker_log.read_bytes():
+        assert time.monotonic() < deadline, service.worker_log.read_text()[-3000:]
+        time.sleep(0.2)
+    again = service.job("owner", job["id"])
+    assert again["attempt"] == 1 and again["status"] == "succeeded"
+    assert again["finished_at"] == done["finished_at"]
+
+
+def test_cancel_running_job_frees_worker(service, inputs):
+    model_id, dataset_id = inputs
+    job = service.submit("owner", model_id, dataset_id, LONG_RANDOM)
+    service.wait("owner", job["id"], until=("running",), timeout=60)
+    # Wait until the engine is inside its long retraining, then cancel.
+    deadline = time.monotonic() + 60
+    while service.job("owner", job["id"])["phase"] != "retraining":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = service.client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=service.headers("owner"))
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    ended = service.wait("owner", job["id"], timeout=30)
+    assert ended["status"] == "cancelled" and ended["error"] is None
+    # The same worker takes the next job.
+    follow = service.submit("owner", model_id, dataset_id, QUICK_RANDOM)
+    assert service.wait("owner", follow["id"])["status"] == "succeeded"
+    r = service.client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=service.headers("owner"))
+    assert r.status_code == 409
+
+
+def test_time_limit_fails_with_reason(service, inputs):
+    model_id, dataset_id = inputs
+    job = service.submit("owner", model_id, dataset_id, LONG_RANDOM, time_limit_s=4)
+    ended = service.wait("owner", job["id"], timeout=60)
+    assert ended["status"] == "failed"
+    assert ended["error"].startswith("time limit") and "time_limit_s" in ended["error"]
+
+
+def test_engine_error_is_an_actionable_failure(service, digits_files):
+    service.add_user("mismatch")
+    # Weights of a 64-32-16 MLP declared as a 64-64 MLP: the engine names the mismatch.
+    model = service.upload_model("mismatch", digits_files["weights"],
+                                 config='{"widths": [64, 64]}')
+    dataset = service.upload_dataset("mismatch", digits_files["npz"])
+    job = service.submit("mismatch", model["id"], dataset["id"], QUICK_RANDOM)
+    ended = service.wait("mismatch", job["id"])
+    assert ended["status"] == "failed"
+    assert "internal error" not in ended["error"] and "fc2" in ended["error"], ended["error"]
+    log = _download(service, "mismatch", f"/api/v1/jobs/{job['id']}/artifacts/log.txt")
+    assert b"failed" in log
+
+
+def test_sweeper_requeues_a_job_whose_worker_died(service, inputs):
+    from app.main import sweep_once
+    from app.models import Job, utcnow
+
+    model_id, dataset_id = inputs
+    service.settings.queues = ("gpu-idle",)
+    try:  # park a job where no worker listens, then make it look like a dead worker's
+        job = service.submit("owner", model_id, dataset_id, QUICK_RANDOM, queue="gpu-idle")
+    finally:
+        service.settings.queues = ()
+    stale = utcnow() - timedelta(seconds=service.settings.stale_heartbeat_s + 5)
+    with service.app.state.sessionmaker() as session:
+        session.execute(update(Job).where(Job.id == job["id"]).values(
+            status="running", attempt=1, heartbeat_at=stale, started_at=stale,
+            queue=service.settings.default_queue))
+        session.commit()
+    requeued, failed = sweep_once(service.app)
+    assert job["id"] in requeued and not failed
+    done = service.wait("owner", job["id"])
+    assert done["status"] == "succeeded" and done["attempt"] == 2
+    # Out of attempts: the next stale run fails with a reason.
+    with service.app.state.sessionmaker() as session:
+        session.execute(update(Job).where(Job.id == job["id"]).values(
+            status="running", attempt=service.settings.max_attempts, heartbeat_at=stale))
+        session.commit()
+    requeued, failed = sweep_once(service.app)
+    assert job["id"] in failed
+    assert "stopped responding" in service.job("owner", job["id"])["error"]
