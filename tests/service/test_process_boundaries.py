@@ -16,20 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def _engine_light_modules_import_torch() -> bool:
-    probe = "import sys, mipp.config, mipp.errors, mipp.npz; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-    return out.stdout.strip() == "True"
-
-
 def test_api_process_never_imports_torch(tmp_path, digits_files):
     """Import app.main, upload a model and a dataset, submit a job: torch stays unloaded."""
-    if _engine_light_modules_import_torch():
-        # The API imports only mipp.config, mipp.errors and mipp.npz; if importing those loads
-        # torch, the cause is the engine package's __init__ (it must import torch lazily).
-        pytest.xfail("mipp/__init__.py imports torch eagerly, so `import mipp.config` loads "
-                     "torch; make its torch-backed names lazy (PEP 562 __getattr__)")
     script = textwrap.dedent(f"""
         import json, sys
         from fastapi.testclient import TestClient
