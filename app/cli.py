@@ -66,7 +66,11 @@ def _settings(args):
 
 
 def _migrate(settings) -> None:
+    import logging
+
     from app.db import migrate
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.database_url)
@@ -199,3 +203,15 @@ def cmd_serve(args) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.cli ...`: the same commands without the engine's CLI (API image)."""
+    parser = argparse.ArgumentParser(prog="python -m app.cli", description="mipp service commands")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

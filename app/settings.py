@@ -13,8 +13,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEV_SECRET = "change-me"
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MIPP_", env_file=".env", extra="ignore")
@@ -65,9 +63,6 @@ class Settings(BaseSettings):
     datasets_dir: Path | None = Field(None, description="Where built-in datasets are read.")
     allow_unsafe_model_formats: bool = False
 
-    # Auth.
-    secret_key: str = DEV_SECRET
-
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:
         data_dir = self.data_dir.expanduser().absolute()
@@ -85,9 +80,7 @@ class Settings(BaseSettings):
         if self.datasets_dir is None:
             object.__setattr__(self, "datasets_dir", data_dir / "datasets")
         if self.environment == "production":
-            if self.secret_key == DEV_SECRET:
-                raise ValueError("MIPP_SECRET_KEY must be set to a random value in production")
-            if self.database_url.startswith("sqlite"):
+            if self.database_url.startswith("sqlite"):  # one writer at a time: not a team server
                 raise ValueError("production needs MIPP_DATABASE_URL (PostgreSQL), not SQLite")
         if self.store == "s3" and not self.s3_bucket:
             raise ValueError("MIPP_STORE=s3 needs MIPP_S3_BUCKET")
