@@ -21,6 +21,7 @@ import torch
 import mipp
 from mipp.config import PruneConfig, ReconstructorConfig, TrainConfig
 from mipp.data import load_dataset
+from mipp.training import resolve_device
 from mipp.zoo import build_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,7 +49,7 @@ def main() -> None:
     log.write_text("")
 
     data = load_dataset("mnist")
-    device = mipp.training.resolve_device(args.device)
+    device = resolve_device(args.device)
     model = build_model("lenet5", data.input_shape, data.num_classes, seed=args.seed)
     start = time.perf_counter()
     mipp.train(model, data, TrainConfig(epochs=3, lr=1e-3, batch_size=128), device=device,

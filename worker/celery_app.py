@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from app.queue import RUN_JOB_TASK, make_celery
 from app.settings import get_settings
+from worker import runner  # torch-free at import; loaded once here, inherited by each fork
+
+import mipp.errors  # noqa: F401  (torch-free too)
 
 settings = get_settings()
 celery = make_celery(settings, name="mipp-worker")
@@ -20,6 +23,4 @@ app = celery  # `celery -A worker.celery_app` finds `app` or `celery`
 @celery.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True)
 def run_job(self, job_id: str) -> str:
     """Run job `job_id` (the message carries nothing else); returns the outcome."""
-    from worker.runner import run_job as run
-
-    return run(job_id, settings=settings, worker_name=self.request.hostname or "worker")
+    return runner.run_job(job_id, settings=settings, worker_name=self.request.hostname or "worker")

@@ -278,6 +278,7 @@ class JobRun:
 
 def run_job(job_id: str, *, settings: Settings, worker_name: str = "worker") -> str:
     """Run one job to its end; returns "succeeded" | "failed" | "cancelled" | "skipped"."""
+    log.info("job %s: task started", job_id)
     engine = make_engine(settings.database_url)
     sessionmaker = make_sessionmaker(engine)
     try:
