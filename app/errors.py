@@ -9,6 +9,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from app.storage import StoreError
 
@@ -91,6 +92,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _store_error(_req: Request, exc: StoreError) -> JSONResponse:
         log.error("object store: %s", exc)
         return _answer(503, "store_unavailable", "the object store is unavailable; try again")
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_req: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+            log.error("database: %s", exc)
+            return _answer(503, "database_unavailable", "the database is unavailable; try again")
+        log.exception("database error")
+        return _answer(500, "internal_error", "internal error (logged on the server)")
 
     @app.exception_handler(Exception)
     async def _bug(_req: Request, exc: Exception) -> JSONResponse:

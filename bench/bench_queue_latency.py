@@ -32,6 +32,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, str(REPO))
 
 SMALL_JOB = {"method": "random", "target": 0.5, "retrain": {"epochs": 1}, "device": "cpu"}
@@ -101,7 +105,7 @@ def service(env: dict[str, str], tmp: Path):
     log = tmp / "worker.log"
     worker = subprocess.Popen(
         worker_command(settings), cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": "1"},
         start_new_session=True,
     )
     try:

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from app.deps import (
     CurrentUser,
@@ -96,7 +97,18 @@ def submit_job(
         message="waiting for a worker",
     )
     session.add(job)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        # Two submits with one idempotency key raced; the other one's row wins.
+        session.rollback()
+        existing = session.scalar(
+            select(Job).where(Job.owner_id == user.id, Job.idempotency_key == body.idempotency_key)
+        )
+        if existing is None:
+            raise
+        response.status_code = 200
+        return existing
     try:
         queue.enqueue(job.id, queue_name, time_limit)
     except Exception as exc:

@@ -23,6 +23,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH for child processes: this checkout first, then what the caller had."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 PG_HOST, PG_PORT = os.environ.get("MIPP_TEST_PG_HOST", "127.0.0.1"), 5432
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_DB = int(os.environ.get("MIPP_TEST_REDIS_DB", "13"))
@@ -246,7 +251,7 @@ def _make_service(name: str, env: dict[str, str], tmp: Path, start_worker: bool 
     from app.main import create_app
     from app.settings import Settings
 
-    full_env = {**os.environ, **env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    full_env = {**os.environ, **env, "PYTHONPATH": _pythonpath(), "OMP_NUM_THREADS": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # Settings() reads the same variables the worker gets
     try:

@@ -14,6 +14,11 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH for child processes: this checkout first, then what the caller had."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 pytestmark = pytest.mark.integration
 
 
@@ -42,7 +47,7 @@ def test_register_adds_serve_and_admin():
 
 
 def test_serve_embedded_default(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MIPP_DATA_DIR": str(tmp_path / "data")}
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "MIPP_DATA_DIR": str(tmp_path / "data")}
     created = subprocess.run(_mipp("admin", "create-user", "alice"), cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=60)
     assert created.returncode == 0, created.stderr

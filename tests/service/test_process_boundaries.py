@@ -13,6 +13,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+def _pythonpath() -> str:
+    """PYTHONPATH for child processes: this checkout first, then what the caller had."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
 pytestmark = pytest.mark.integration
 
 
@@ -49,7 +54,7 @@ def test_api_process_never_imports_torch(tmp_path, digits_files):
         print("TORCH_MODULES", loaded)
         sys.exit(1 if loaded else 0)
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (
