@@ -132,3 +132,30 @@ def test_cli_train_prune_evaluate(tmp_path):
                           "--dataset", "digits", "--confidence", "2", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "confidence" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_mipp_on_a_residual_net_keeps_the_stream_consistent(digits):
+    """ResNet-20 (residual adds couple channels): selection, surgery and refit run end to end."""
+    from mipp.config import ReconstructorConfig
+    model = build_model("resnet20", digits.input_shape, digits.num_classes, seed=0, width_mult=0.5)
+    fast = ReconstructorConfig(epochs=20, finetune_epochs=5, ordering_epochs=5, patience=2)
+    config = PruneConfig(tol=0.2, repeats=3, calibration_samples=512, reconstructor=fast,
+                         retrain=TrainConfig(epochs=0))
+    result = mipp.prune(model, digits, config)
+    assert result.metrics["units"]["after"] < result.metrics["units"]["before"]
+    assert result.model(digits.x_test[:4]).shape == (4, 10)
+    widths = {l["name"]: l["units_after"] for l in result.layers}
+    modules = dict(result.model.named_modules())
+    assert modules["conv1"].out_channels == widths["conv1"]  # the stem names the first stream
+    for name, width in widths.items():
+        assert modules[name].out_channels == width >= 1
+
+
+def test_onnx_export_matches_the_pruned_model(mlp_result, digits, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    _, result, _ = mlp_result
+    path = mipp.export_onnx(result.model, digits.input_shape, tmp_path / "model.onnx")
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    dims = [d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim]
+    assert dims[-1] == 10
