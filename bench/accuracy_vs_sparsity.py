@@ -78,10 +78,10 @@ def _read(paths: list[Path]) -> list[dict]:
 class Log:
     """Appends rows to the CSV (header once) and remembers which runs are done."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume: list[Path] = ()):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.done = {_key(r): r for r in _read([path])}
+        self.done = {_key(r): r for r in _read([*resume, path])}
 
     def write(self, row: dict) -> None:
         new = not self.path.is_file() or self.path.stat().st_size == 0
@@ -111,7 +111,7 @@ def _row(base: dict, result, method: str, protocol: str, refit: bool, chance: fl
 
 
 def run(args: argparse.Namespace) -> None:
-    log = Log(args.csv)
+    log = Log(args.csv, args.resume or [])
     deadline = time.monotonic() + args.deadline if args.deadline else math.inf
     recon = ReconstructorConfig(epochs=args.recon_epochs, finetune_epochs=args.finetune_epochs,
                                 ordering_epochs=args.ordering_epochs)
@@ -120,21 +120,21 @@ def run(args: argparse.Namespace) -> None:
         data = load_dataset(dataset, data_dir).subset(args.n_train, args.n_test, seed=0)
         chance = float(torch.bincount(data.y_test).max()) / len(data.y_test)
         for arch in args.archs:
-            for seed in args.seeds:
-                init = build_model(arch, data.input_shape, data.num_classes, seed=seed,
-                                   **ARCHS[arch])
-                trained = None
-                for mode in args.modes:
-                    if mode == "after-training" and trained is None:
-                        trained = build_model(arch, data.input_shape, data.num_classes,
-                                              seed=seed, **ARCHS[arch])
-                        trained.load_state_dict(init.state_dict())
+            trained: dict[int, torch.nn.Module] = {}
+            # Mode, then seed, then tol: a run cut short by --deadline has whole seeds of PaT.
+            for mode in args.modes:
+                for seed in args.seeds:
+                    init = build_model(arch, data.input_shape, data.num_classes, seed=seed,
+                                       **ARCHS[arch])
+                    if mode == "after-training" and seed not in trained:
+                        trained[seed] = build_model(arch, data.input_shape, data.num_classes,
+                                                    seed=seed, **ARCHS[arch])
                         start = time.perf_counter()
-                        mipp.train(trained, data, TrainConfig(epochs=args.dense_epochs),
+                        mipp.train(trained[seed], data, TrainConfig(epochs=args.dense_epochs),
                                    device=args.device, seed=seed)
                         print(f"[{dataset} {arch} seed {seed}] dense trained in "
                               f"{time.perf_counter() - start:.0f}s", flush=True)
-                    model = trained.cpu() if mode == "after-training" else init
+                    model = trained[seed].cpu() if mode == "after-training" else init
                     retrain = TrainConfig(epochs=args.retrain_epochs if mode == "after-training"
                                           else args.dense_epochs)
                     common = dict(mode=mode, seed=seed, retrain=retrain, device=args.device,
@@ -363,6 +363,8 @@ def main() -> None:
     preset.add_argument("--report", nargs="+", type=Path, metavar="CSV",
                         help="only write tables and plots from these CSVs")
     parser.add_argument("--csv", type=Path, help="results file (default bench/results/avs-<preset>.csv)")
+    parser.add_argument("--resume", nargs="+", type=Path,
+                        help="earlier CSVs whose runs count as done (not copied into --csv)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the report and plots")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-root", default=None,

@@ -39,13 +39,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-sequential", action="store_true")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = args.results_dir
+    results.mkdir(parents=True, exist_ok=True)
     stem = "mnist_lenet-quick" if args.quick else "mnist_lenet"
-    if args.device != "auto" or torch.cuda.is_available():
-        stem += "-gpu" if torch.cuda.is_available() and args.device != "cpu" else ""
-    log = RESULTS / f"{stem}.jsonl"
+    if torch.cuda.is_available() and args.device != "cpu":
+        stem += "-gpu"
+    log = results / f"{stem}.jsonl"
     log.write_text("")
 
     data = load_dataset("mnist")
@@ -81,7 +83,7 @@ def main() -> None:
         print(label, json.dumps(row), flush=True)
 
     table = render(rows)
-    (RESULTS / f"{stem}.md").write_text(table)
+    (results / f"{stem}.md").write_text(table)
     print(table)
 
 
