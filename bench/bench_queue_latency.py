@@ -204,6 +204,7 @@ def main() -> int:
     parser.add_argument("--redis-db", type=int, default=12)
     args = parser.parse_args()
     results = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mipp-bench-") as tmp_name:
         tmp = Path(tmp_name)
         weights, npz = make_inputs(tmp)
@@ -229,7 +230,8 @@ def main() -> int:
                 parser.error(f"unknown broker setup {name!r}")
 
     print(f"\nQueue latency, {args.jobs} small jobs each, one worker (prefork, -c 1); "
-          f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
+          f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"1-min load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
     print("| setup | mode | submit -> start median | p95 | max |")
     print("|---|---|---|---|---|")
     for r in results:
