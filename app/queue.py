@@ -47,7 +47,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,  # one process per GPU
-        "worker_max_tasks_per_child": 1,  # fresh process per job: frees CUDA memory
+        # 1: a fresh process per job, which frees CUDA memory and leaks (celery#6009).
+        "worker_max_tasks_per_child": settings.worker_max_tasks_per_child or None,
         "worker_hijack_root_logger": False,
         "task_soft_time_limit": settings.soft_time_limit_s,
         "task_time_limit": settings.hard_time_limit_s,

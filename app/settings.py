@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     queues: tuple[str, ...] = Field((), description="Extra queue names a submit may choose.")
     job_time_limit_s: int = Field(6 * 3600, ge=1, description="Soft limit: the job fails cleanly.")
     hard_time_limit_grace_s: int = Field(60, ge=1, description="Hard kill this long after soft.")
+    worker_max_tasks_per_child: int = Field(
+        1, ge=0, description="Jobs per worker child process; 1 = a fresh process (and CUDA "
+        "context) per job, 0 = reuse forever."
+    )
     heartbeat_interval_s: float = Field(10.0, gt=0)
     progress_interval_s: float = Field(0.5, ge=0, description="Throttle for progress writes.")
     stale_heartbeat_s: float = Field(120.0, gt=0, description="A running job this quiet is dead.")

@@ -7,6 +7,7 @@ which FastAPI runs in its threadpool.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -146,7 +147,7 @@ class S3Store:
                     raise StoreError(f"cannot create bucket {self.bucket!r}: {exc}") from exc
         except BotoCoreError as exc:
             # Not fatal at start-up: /readyz reports it and requests fail with 503.
-            self._startup_error = exc
+            logging.getLogger("mipp.store").warning("S3 store not reachable yet: %s", exc)
 
     def _wrap(self, fn, *args, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError

@@ -9,6 +9,8 @@ per job, time limits, visibility timeout).
 
 from __future__ import annotations
 
+from celery.signals import worker_init, worker_process_init
+
 from app.queue import RUN_JOB_TASK, make_celery
 from app.settings import get_settings
 from worker import runner  # torch-free at import; loaded once here, inherited by each fork
@@ -18,6 +20,19 @@ import mipp.errors  # noqa: F401  (torch-free too)
 settings = get_settings()
 celery = make_celery(settings, name="mipp-worker")
 app = celery  # `celery -A worker.celery_app` finds `app` or `celery`
+
+
+@worker_init.connect
+def _warm_database(**_kwargs) -> None:
+    try:
+        runner.warm_database(settings)
+    except Exception:  # noqa: BLE001 - the job process connects (and reports) on its own
+        runner.log.warning("could not reach the database at start-up", exc_info=True)
+
+
+@worker_process_init.connect
+def _fresh_connections(**_kwargs) -> None:
+    runner.after_fork()
 
 
 @celery.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True)

@@ -276,21 +276,44 @@ class JobRun:
         return bool(changed)
 
 
+_ENGINES: dict[str, Any] = {}
+
+
+def database(settings: Settings):
+    """This process's engine for the job database (created once, reused by later jobs)."""
+    engine = _ENGINES.get(settings.database_url)
+    if engine is None:
+        engine = _ENGINES[settings.database_url] = make_engine(settings.database_url)
+    return engine
+
+
+def warm_database(settings: Settings) -> None:
+    """In the worker's parent, before it forks job processes: connect once so that the
+    dialect is initialised (~0.1 s on PostgreSQL), then close the connection, so that each
+    child inherits an initialised engine and no socket."""
+    engine = database(settings)
+    with engine.connect():
+        pass
+    engine.dispose()
+
+
+def after_fork() -> None:
+    """In a fresh job process: never reuse a connection the parent might have opened."""
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)
+
+
 def run_job(job_id: str, *, settings: Settings, worker_name: str = "worker") -> str:
     """Run one job to its end; returns "succeeded" | "failed" | "cancelled" | "skipped"."""
     log.info("job %s: task started", job_id)
-    engine = make_engine(settings.database_url)
-    sessionmaker = make_sessionmaker(engine)
-    try:
-        with sessionmaker() as session:
-            job = claim(session, job_id, worker_name)
-        if job is None:
-            log.info("job %s: nothing to claim (duplicate delivery, cancelled or finished)", job_id)
-            return "skipped"
-        log.info("job %s: claimed (attempt %d)", job_id, job.attempt)
-        return _run_claimed(job, settings, sessionmaker)
-    finally:
-        engine.dispose()
+    sessionmaker = make_sessionmaker(database(settings))
+    with sessionmaker() as session:
+        job = claim(session, job_id, worker_name)
+    if job is None:
+        log.info("job %s: nothing to claim (duplicate delivery, cancelled or finished)", job_id)
+        return "skipped"
+    log.info("job %s: claimed (attempt %d)", job_id, job.attempt)
+    return _run_claimed(job, settings, sessionmaker)
 
 
 def _run_claimed(job: Job, settings: Settings, sessionmaker) -> str:

@@ -113,19 +113,23 @@ def digits_files(tmp_path_factory):
     from mipp.data import load_npz
     from mipp.zoo import build_model, save_weights
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only contend on a shared 2-core box
-    root = tmp_path_factory.mktemp("digits")
-    digits = load_digits()
-    x, y = (digits.data / 16).astype(np.float32), digits.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    train, test = order[:1400], order[1400:]
-    npz = root / "digits.npz"
-    np.savez(npz, x=x[train], y=y[train], x_test=x[test], y_test=y[test])
-    data = load_npz(npz)
-    model = build_model("mlp", data.input_shape, data.num_classes, seed=0, widths=[64, 32, 16])
-    mipp.train(model, data, mipp.TrainConfig(epochs=10, lr=1e-2, batch_size=64), device="cpu")
-    weights = save_weights(model, root / "mlp.safetensors")
-    accuracy = mipp.evaluate(model, data.x_test, data.y_test, device="cpu")["accuracy"]
+    try:
+        root = tmp_path_factory.mktemp("digits")
+        digits = load_digits()
+        x, y = (digits.data / 16).astype(np.float32), digits.target.astype(np.int64)
+        order = np.random.default_rng(0).permutation(len(x))
+        train, test = order[:1400], order[1400:]
+        npz = root / "digits.npz"
+        np.savez(npz, x=x[train], y=y[train], x_test=x[test], y_test=y[test])
+        data = load_npz(npz)
+        model = build_model("mlp", data.input_shape, data.num_classes, seed=0, widths=[64, 32, 16])
+        mipp.train(model, data, mipp.TrainConfig(epochs=10, lr=1e-2, batch_size=64), device="cpu")
+        weights = save_weights(model, root / "mlp.safetensors")
+        accuracy = mipp.evaluate(model, data.x_test, data.y_test, device="cpu")["accuracy"]
+    finally:
+        torch.set_num_threads(threads)  # leave the process as we found it
     return {"npz": npz, "weights": weights, "dense_accuracy": accuracy, "dir": root}
 
 
