@@ -212,3 +212,15 @@ def test_body_size_limit(service):
         service.settings.max_upload_bytes = limit
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert json.loads(r.text)["code"] == "too_large"
+
+
+def test_state_dict_pt_upload_is_checked_without_unpickling(service, digits_files, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    service.add_user("pt")
+    path = tmp_path / "mlp.pt"
+    torch.save(load_file(str(digits_files["weights"])), path)
+    model = service.upload_model("pt", path, format="pt")
+    assert model["format"] == "pt"
+    assert "torch._utils._rebuild_tensor_v2" in model["summary"]["pickle_refs"]
