@@ -96,7 +96,11 @@ class Reporter:
                 log.info("phase %s: %s", phase, message)
             self._phase = phase
             self._last_write = now
-            self._write(phase=phase, progress=float(min(max(fraction, 0.0), 1.0)), message=message[:500])
+            try:
+                self._write(phase=phase, progress=float(min(max(fraction, 0.0), 1.0)),
+                            message=message[:500])
+            except Exception:  # noqa: BLE001 - progress is best effort; the run goes on
+                log.warning("progress write failed", exc_info=True)
         if self.cancelled.is_set() or self.lost.is_set():
             from mipp.errors import Cancelled
 
