@@ -40,11 +40,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--no-targets", action="store_true",
+                        help="only the default settings (fast and sequential paths)")
     args = parser.parse_args()
 
     results = args.results_dir
     results.mkdir(parents=True, exist_ok=True)
     stem = "mnist_lenet-quick" if args.quick else "mnist_lenet"
+    stem += "-paths" if args.no_targets else ""
     if torch.cuda.is_available() and args.device != "cpu":
         stem += "-gpu"
     log = results / f"{stem}.jsonl"
@@ -64,6 +67,8 @@ def main() -> None:
 
     runs = [("default", {}), ("target 0.5", {"target": 0.5}), ("target 0.8", {"target": 0.8}),
             ("target 0.95", {"target": 0.95})]
+    if args.no_targets:
+        runs = runs[:1]
     if not args.skip_sequential:
         runs.insert(1, ("default, sequential path", {"path": "sequential"}))
     rows = []
