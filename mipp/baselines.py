@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mipp.activations import capture_io
-from mipp.groups import UnitGroup, build_graph
+from mipp.groups import build_graph
 from mipp.progress import Phase
 from mipp.selection import Selection, SelectionContext, register_selector
 

@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from app.errors import InvalidRequest
+from app.errors import Conflict, InvalidRequest
+from app.models import Job, JobStatus
 from app.settings import Settings
 
 
@@ -38,3 +39,21 @@ def parse_json_field(text: str | None, field: str, kind: type, example: str) -> 
     if not isinstance(value, kind):
         raise InvalidRequest(f"form field {field!r} must be a JSON {kind.__name__}, e.g. {example}")
     return value
+
+
+def delete_unless_in_use(session: Session, store, row, job_column, what: str) -> None:
+    """Delete an uploaded model/dataset row and its stored file, unless an active job uses it.
+
+    The row goes first (committed), then the file: a failed store delete leaves an orphan
+    file, never a row that points at nothing.
+    """
+    active = session.scalar(
+        select(Job.id).where(job_column == row.id, Job.status.in_(JobStatus.ACTIVE)).limit(1)
+    )
+    if active:
+        raise Conflict(f"{what} {row.id!r} is used by active job {active!r}; cancel it first")
+    key = row.store_key
+    session.delete(row)
+    session.commit()
+    if key:
+        store.delete(key)

@@ -8,9 +8,8 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import select
 
 from app.deps import CurrentUser, OwnedDataset, SessionDep, SettingsDep, StoreDep, visible
-from app.errors import Conflict
-from app.models import Dataset, Job, JobStatus, new_id
-from app.routes.common import page, upload_tmpdir
+from app.models import Dataset, Job, new_id
+from app.routes.common import delete_unless_in_use, page, upload_tmpdir
 from app.schemas import BuiltinDatasetIn, DatasetOut, Page
 from app.storage import dataset_key
 from app.uploads import check_npz, save_upload
@@ -88,16 +87,5 @@ def get_dataset(dataset: OwnedDataset):
 
 @router.delete("/{dataset_id}", status_code=204)
 def delete_dataset(dataset: OwnedDataset, session: SessionDep, store: StoreDep) -> Response:
-    active = session.scalar(
-        select(Job.id)
-        .where(Job.dataset_id == dataset.id, Job.status.in_(JobStatus.ACTIVE))
-        .limit(1)
-    )
-    if active:
-        raise Conflict(f"dataset {dataset.id!r} is used by active job {active!r}; cancel it first")
-    key = dataset.store_key
-    session.delete(dataset)
-    session.commit()
-    if key:
-        store.delete(key)
+    delete_unless_in_use(session, store, dataset, Job.dataset_id, "dataset")
     return Response(status_code=204)

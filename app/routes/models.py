@@ -12,9 +12,9 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import select
 
 from app.deps import CurrentUser, OwnedModel, SessionDep, SettingsDep, StoreDep, visible
-from app.errors import Conflict, InvalidRequest, InvalidUpload
-from app.models import Job, JobStatus, ModelFile, new_id
-from app.routes.common import page, parse_json_field, upload_tmpdir
+from app.errors import InvalidRequest, InvalidUpload
+from app.models import Job, ModelFile, new_id
+from app.routes.common import delete_unless_in_use, page, parse_json_field, upload_tmpdir
 from app.schemas import MODEL_FORMATS, ZOO_ARCHITECTURES, ModelOut, Page
 from app.storage import model_key
 from app.uploads import check_safetensors, check_state_dict_pt, save_upload
@@ -103,13 +103,5 @@ def get_model(model: OwnedModel):
 
 @router.delete("/{model_id}", status_code=204)
 def delete_model(model: OwnedModel, session: SessionDep, store: StoreDep) -> Response:
-    active = session.scalar(
-        select(Job.id).where(Job.model_id == model.id, Job.status.in_(JobStatus.ACTIVE)).limit(1)
-    )
-    if active:
-        raise Conflict(f"model {model.id!r} is used by active job {active!r}; cancel it first")
-    key = model.store_key
-    session.delete(model)
-    session.commit()
-    store.delete(key)
+    delete_unless_in_use(session, store, model, Job.model_id, "model")
     return Response(status_code=204)
