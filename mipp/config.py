@@ -56,6 +56,7 @@ class PruneConfig(BaseModel):
     tol: float = Field(0.05, ge=0, le=100)
     target: float | None = Field(None, gt=0, lt=1)
     repeats: int = Field(5, ge=2, le=64)
+    min_units: int = Field(1, ge=1, description="Never prune a layer below this many units.")
     test: Literal["t", "null-unit"] = "t"
     tol_scale: Literal["mi", "reference"] = "mi"
     control: bool = True

@@ -105,9 +105,10 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     ys, y_constant = standardise(y.float(), config.std_floor)
     ys = ys[:, ~y_constant] if bool((~y_constant).any()) else ys
     constant = torch.nonzero(constant_mask).flatten().tolist()
-    # Layer-collapse guard: if every unit is constant, one of them stays.
-    pruned = constant[:-1] if len(constant) == d else list(constant)
-    live = [i for i in range(d) if i not in set(constant)]
+    # Layer-collapse guard: constant units go, but never below the floor (at least one unit).
+    floor = min(d, config.min_units)
+    pruned = constant[:max(0, d - floor)] if len(constant) > d - floor else list(constant)
+    live = [i for i in range(d) if i not in set(pruned)]  # constants kept by the floor included
 
     split = split_rows(xs, ys, config.val_fraction, generator)
     loss_empty = empty_loss(split)
@@ -164,14 +165,14 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     while position < len(order):
         progress(0.1 + 0.9 * position / len(order), f"unit {position + 1}/{len(order)}")
         remaining = d - len(decision.pruned)
-        if remaining <= 1:  # never prune the last unit of a layer
+        if remaining <= floor:  # never prune the last unit(s) of a layer
             decision.kept.extend(order[position:])
             break
         one_at_a_time = config.path == "sequential" or config.speculation == "off"
         block = order[position:position + (1 if one_at_a_time else config.block_size)]
         mode = _mode(config, recent)
         if mode == "prune":
-            block = block[:remaining - 1]
+            block = block[:remaining - floor]
             sets = [decision.pruned + block[:k + 1] for k in range(len(block))]
         else:
             sets = [decision.pruned + [c] for c in block]

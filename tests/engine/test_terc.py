@@ -92,3 +92,17 @@ def test_a_higher_tolerance_never_keeps_more_units():
 def test_rows_must_match():
     with pytest.raises(ValueError, match="rows"):
         terc_select(torch.randn(10, 3), torch.randn(11, 2), PruneConfig(), seed=0)
+
+
+def test_a_layer_of_constant_units_keeps_one():
+    n = 512
+    x = torch.stack([torch.full((n,), float(v)) for v in range(4)], dim=1)
+    decision = terc_select(x, torch.randn(n, 2), PruneConfig(repeats=2), seed=0)
+    assert len(decision.kept) == 1 and len(decision.pruned) == 3
+
+
+def test_min_units_is_a_floor_per_layer():
+    x, y = _layer(seed=7)
+    decision = terc_select(x, y, PruneConfig(tol=5.0, repeats=3, min_units=4), seed=0)
+    assert len(decision.kept) == 4   # tol 5 would prune all but one without the floor
+    assert 3 in decision.pruned      # the constant unit still goes first
