@@ -57,11 +57,17 @@ class BatchedMLP(nn.Module):
     def n_models(self) -> int:
         return self.w1.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask (B, d_in) of 0/1 hides input columns per model (applied to the weights)."""
+        w1 = self.w1 if mask is None else self.w1 * mask.unsqueeze(-1)
         if x.dim() == 2:
-            x = x.expand(self.n_models, *x.shape)
-        hidden = torch.relu(torch.baddbmm(self.b1, x, self.w1))
-        return torch.baddbmm(self.b2, hidden, self.w2)
+            # Input shared by every model: one (n, d_in) x (d_in, B*hidden) product, not B small ones.
+            n_models, d_in, width = w1.shape
+            hidden = (x @ w1.transpose(0, 1).reshape(d_in, n_models * width))
+            hidden = hidden.view(x.shape[0], n_models, width).transpose(0, 1) + self.b1
+        else:
+            hidden = torch.baddbmm(self.b1, x, w1)
+        return torch.baddbmm(self.b2, torch.relu(hidden), self.w2)
 
     def tiled(self, times: int) -> BatchedMLP:
         """A copy with every model repeated `times` times, consecutively:
@@ -88,14 +94,8 @@ def evaluate(mlps: BatchedMLP, x: torch.Tensor, y: torch.Tensor,
     total = torch.zeros(mlps.n_models, device=x.device)
     for start in range(0, x.shape[0], chunk):
         xb, yb = x[start:start + chunk], y[start:start + chunk]
-        total += per_model_loss(mlps(_masked(xb, mask, mlps.n_models)), yb) * xb.shape[0]
+        total += per_model_loss(mlps(xb, mask), yb) * xb.shape[0]
     return total / x.shape[0]
-
-
-def _masked(x: torch.Tensor, mask: torch.Tensor | None, n_models: int) -> torch.Tensor:
-    if mask is None:
-        return x
-    return x.unsqueeze(0) * mask.unsqueeze(1) if x.dim() == 2 else x * mask.unsqueeze(1)
 
 
 def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float,
@@ -118,7 +118,7 @@ def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             xb = split.x_train[:, idx] if x_per_model else split.x_train[idx]
-            loss = per_model_loss(mlps(_masked(xb, mask, mlps.n_models)), split.y_train[idx]).sum()
+            loss = per_model_loss(mlps(xb, mask), split.y_train[idx]).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
