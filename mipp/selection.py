@@ -162,12 +162,5 @@ def _selection(decisions: dict[str, LayerDecision], tol: float) -> Selection:
     return Selection(keep={name: d.kept for name, d in decisions.items()}, layers=layers)
 
 
-def _register_baselines() -> None:
-    try:
-        import mipp.baselines  # noqa: F401  (registers the baseline selectors)
-    except ImportError as exc:  # pragma: no cover - only while baselines are being written
-        if exc.name != "mipp.baselines":
-            raise
-
-
-_register_baselines()
+# Imported last: mipp.baselines registers its selectors with the decorator defined above.
+import mipp.baselines  # noqa: E402, F401

@@ -19,13 +19,7 @@ SMALL = {"vgg11": {"width_mult": 0.125}, "vgg16": {"width_mult": 0.125},
 CASES = [((1, 28, 28), 10), ((3, 32, 32), 100), ((1, 8, 8), 10)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and spares a shared CPU thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
