@@ -4,7 +4,8 @@ and the selection time of the sequential reference path against the fast path, i
     python bench/mnist_lenet.py                       # CPU or CUDA (auto), about 30 min on 2 cores
     python bench/mnist_lenet.py --quick               # smaller calibration set, a few minutes
 
-Writes one JSON line per run to bench/results/mnist_lenet[-quick].jsonl as it goes and prints a
+Appends one JSON line per run (tagged with its start time) to bench/results/mnist_lenet[-quick].jsonl
+as it goes, never truncating it, and prints a
 markdown table at the end (also written next to the JSONL).
 """
 
@@ -50,8 +51,8 @@ def main() -> None:
     stem += "-paths" if args.no_targets else ""
     if torch.cuda.is_available() and args.device != "cpu":
         stem += "-gpu"
-    log = results / f"{stem}.jsonl"
-    log.write_text("")
+    log = results / f"{stem}.jsonl"  # appended to, never truncated: every run stays on disk
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     data = load_dataset("mnist")
     device = resolve_device(args.device)
@@ -81,7 +82,7 @@ def main() -> None:
                "layers": [(l["name"], l["units_before"], l["units_after"]) for l in result.layers],
                "removed_fraction": m["units"]["removed_fraction"], "accuracy": m["accuracy"],
                "params": m["params"], "macs": m["macs"], "seconds": m["seconds"],
-               "train_seconds": train_seconds, "machine": machine()}
+               "train_seconds": train_seconds, "machine": machine(), "run": run_id}
         rows.append(row)
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
