@@ -5,6 +5,7 @@ Routes hold no lookup or ownership code: `job: OwnedJob` is the caller's job or 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -69,7 +70,15 @@ def visible(stmt: Select, column, user: User) -> Select:
     return stmt if user.is_admin else stmt.where(column == user.id)
 
 
+# Ids are uuid4 hex (app.models.new_id); anything else (a NUL byte, 10 kB of text) cannot
+# name a row, so it is a 404 without a query (PostgreSQL would refuse a NUL with an error).
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+
 def owned_row(session: Session, cls, object_id: str, user: User, what: str):
+    if not ID_PATTERN.fullmatch(object_id):
+        shown = object_id if len(object_id) <= 40 else object_id[:40] + "..."
+        raise NotFound(f"{what} {shown!r} not found (ids are 32 hex characters)")
     row = session.get(cls, object_id)
     if row is None or (row.owner_id != user.id and not user.is_admin):
         # Another user's id answers exactly like a missing one.

@@ -9,7 +9,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.body_guard import JsonBodyGuard
 
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.errors import install_error_handlers
@@ -47,7 +50,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge()
+                    raise _BodyTooLarge(self.max_bytes)
             return message
 
         try:
@@ -56,8 +59,15 @@ class BodySizeLimit:
             await too_large(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive` while a chunked body (no Content-Length) is read. An
+    HTTPException, so FastAPI's body parser passes it on as the 413 it is (any other
+    exception there becomes a 400 "error parsing the body")."""
+
+    code = "too_large"
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body above the limit of {max_bytes} bytes")
 
 
 class Sweeper:
@@ -132,5 +142,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def root() -> dict[str, str]:
         return {"service": "mipp", "docs": "/docs", "api": API_PREFIX}
 
+    app.add_middleware(JsonBodyGuard)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
     return app

@@ -16,6 +16,7 @@ T = TypeVar("T")
 # mipp.data would import torch into the API process.
 BUILTIN_DATASETS = ("cifar10", "cifar100", "digits", "fashion-mnist", "mnist")
 MODEL_FORMATS = ("safetensors", "pt")
+MAX_CLASSES = 10_000  # as mipp.npz.validate_npz's default max_classes
 # The engine's zoo (mipp.zoo.list_architectures), for the same reason; a test keeps both in sync.
 ZOO_ARCHITECTURES = (
     "lenet5", "mlp", "resnet18", "resnet20", "resnet56", "vgg11", "vgg16", "vgg19",

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickletools
+import math
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from app.errors import InvalidUpload, TooLarge
+from app.pickle_scan import PickleRefused, pickle_globals
 
 CHUNK = 1024 * 1024
-SAFETENSORS_DTYPES = {
-    "BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
-    "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64",
-}  # fmt: skip
-# Modules a torch.save'd state_dict refers to; anything else means code would run on load.
-PT_ALLOWED_MODULES = ("torch", "collections", "_codecs", "numpy.core.multiarray", "numpy")
-PT_ALLOWED_GLOBALS = {"builtins.set", "builtins.frozenset", "builtins.slice"}
 
 
 @dataclass
@@ -50,101 +45,172 @@ def save_upload(src: BinaryIO, dest: Path, max_bytes: int, what: str) -> SavedUp
     return SavedUpload(dest, size, digest.hexdigest())
 
 
+# Bits per element, as the safetensors format defines them (sub-byte types count in bits).
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "F64": 64, "I64": 64, "U64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+# The header is parsed into Python objects; real ones are a few kB per hundred tensors.
+MAX_SAFETENSORS_HEADER = 8 * 1024 * 1024
+MAX_TENSORS = 100_000
+MAX_PICKLE_BYTES = 64 * 1024 * 1024  # data.pkl of a state_dict: ~200 bytes per tensor
+MAX_PT_ENTRIES = 100_000
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
 def check_safetensors(path: Path, filename: str) -> dict[str, Any]:
-    """Parse the safetensors header (8-byte length + JSON) and check every tensor's extent."""
+    """Check a safetensors file as the safetensors library does when the worker loads it:
+    an 8-byte length, a JSON object header (UTF-8, no duplicate keys, `__metadata__` of
+    strings only), known dtypes, and tensors whose byte ranges have exactly shape x dtype
+    bytes and tile the data section: contiguous, non-overlapping, no gaps, nothing after."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise InvalidUpload(f"{filename}: not a safetensors file (shorter than 8 bytes)")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len == 0 or header_len > min(size - 8, 100 * 1024 * 1024):
+        if header_len < 2 or header_len > size - 8:
             raise InvalidUpload(
                 f"{filename}: not a safetensors file (header length {header_len} does not fit "
                 f"a {size}-byte file); upload weights saved with safetensors.torch.save_file"
             )
+        if header_len > MAX_SAFETENSORS_HEADER:
+            raise InvalidUpload(
+                f"{filename}: the safetensors header is {header_len} bytes, above the limit of "
+                f"{MAX_SAFETENSORS_HEADER}; the zoo's models need a few kB"
+            )
         raw = fh.read(header_len)
+    if not raw.startswith(b"{"):
+        raise InvalidUpload(f"{filename}: corrupt safetensors header (does not start with '{{')")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidUpload(f"{filename}: corrupt safetensors header ({exc})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidUpload(f"{filename}: corrupt safetensors header ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise InvalidUpload(f"{filename}: corrupt safetensors header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise InvalidUpload(f"{filename}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidUpload(f"{filename}: __metadata__ must map strings to strings")
+    if not header:
+        raise InvalidUpload(f"{filename}: the safetensors file holds no tensors")
+    if len(header) > MAX_TENSORS:
+        raise InvalidUpload(f"{filename}: {len(header)} tensors, above the limit of {MAX_TENSORS}")
     data_len = size - 8 - header_len
     tensors: dict[str, Any] = {}
-    end_max = 0
+    extents: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise InvalidUpload(f"{filename}: tensor {name!r} lacks dtype/shape/data_offsets")
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise InvalidUpload(
+                f"{filename}: tensor {name!r} must have exactly dtype, shape and data_offsets"
+            )
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise InvalidUpload(f"{filename}: tensor {name!r} has unknown dtype {dtype!r}")
+        if dtype not in SAFETENSORS_DTYPE_BITS:
+            raise InvalidUpload(f"{filename}: tensor {name!r} has unknown dtype {str(dtype)[:40]!r}")
         if (
             not isinstance(shape, list)
-            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not all(type(d) is int and d >= 0 for d in shape)
             or not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
+            or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
         ):
             raise InvalidUpload(f"{filename}: tensor {name!r} has a malformed shape or offsets")
+        bits = math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype]
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            raise InvalidUpload(
+                f"{filename}: tensor {name!r} is {shape} of {dtype} ({bits / 8:g} bytes) but "
+                f"its data_offsets span {offsets[1] - offsets[0]} bytes"
+            )
         if offsets[1] > data_len:
             raise InvalidUpload(
                 f"{filename}: truncated or corrupt: tensor {name!r} ends at byte {offsets[1]} "
                 f"of a {data_len}-byte data section"
             )
-        end_max = max(end_max, offsets[1])
+        extents.append((offsets[0], offsets[1], name))
         tensors[name] = {"dtype": dtype, "shape": shape}
-    if not tensors:
-        raise InvalidUpload(f"{filename}: the safetensors file holds no tensors")
-    if end_max != data_len:
+    position = 0
+    for begin, end, name in sorted(extents):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else "leaves a gap"
+            raise InvalidUpload(
+                f"{filename}: corrupt safetensors file: tensor {name!r} at bytes {begin}-{end} "
+                f"{what} (expected it to start at {position}); save it again"
+            )
+        position = end
+    if position != data_len:
         raise InvalidUpload(
             f"{filename}: corrupt safetensors file: the data section is {data_len} bytes but "
-            f"the tensors cover {end_max}"
+            f"the tensors cover {position}"
         )
     return {"tensors": tensors, "num_tensors": len(tensors)}
 
 
 def check_state_dict_pt(path: Path, filename: str) -> dict[str, Any]:
-    """Check a torch.save zip without unpickling: read the pickle's opcodes (pickletools
-    executes nothing) and refuse references to anything a state_dict never needs."""
-    if not zipfile.is_zipfile(path):
-        raise InvalidUpload(
-            f"{filename}: not a torch.save file (expected a zip archive, as torch>=1.6 writes); "
-            "re-save with torch.save(model.state_dict(), path) or use safetensors"
-        )
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pkl_names = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not pkl_names:
-                raise InvalidUpload(f"{filename}: no data.pkl inside; not a torch.save file")
-            with zf.open(pkl_names[0]) as fh:
-                data = fh.read()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InvalidUpload(f"{filename}: corrupt zip archive ({exc})") from None
-    refs: set[str] = set()
-    strings: list[str] = []
-    try:
-        for opcode, arg, _pos in pickletools.genops(data):
-            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(arg)
-            elif opcode.name == "GLOBAL":
-                refs.add(arg.replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                refs.add(f"{strings[-2]}.{strings[-1]}")
-    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt pickle
-        raise InvalidUpload(f"{filename}: corrupt pickle stream ({exc})") from None
-    bad = sorted(
-        r for r in refs if not r.startswith(PT_ALLOWED_MODULES) and r not in PT_ALLOWED_GLOBALS
+    """Check a torch.save zip without unpickling: one archive folder with one data.pkl whose
+    opcode stream, replayed symbolically with its memo (app.pickle_scan), imports only the
+    exact globals a state_dict of dense tensors needs. TorchScript archives are refused."""
+    from mipp.errors import DataError
+    from mipp.npz import open_bounded_zip
+
+    not_pt = (
+        f"{filename}: not a torch.save file (expected a zip archive, as torch>=1.6 writes); "
+        "re-save with torch.save(model.state_dict(), path) or use safetensors"
     )
-    if bad:
+    try:
+        zf = open_bounded_zip(path, max_entries=MAX_PT_ENTRIES, max_directory_bytes=64 * 2**20)
+    except DataError as exc:
+        raise InvalidUpload(f"{filename}: {exc}") from None
+    except (ValueError, OSError, zipfile.BadZipFile):
+        raise InvalidUpload(not_pt) from None
+    try:
+        with zf:
+            names = zf.namelist()
+            if len(set(names)) != len(names):
+                raise InvalidUpload(f"{filename}: the zip holds two entries of one name")
+            folders = {n.split("/", 1)[0] for n in names}
+            pkl_names = [n for n in names if n.endswith("/data.pkl")]
+            if len(folders) != 1 or len(pkl_names) != 1 or pkl_names[0].count("/") != 1:
+                raise InvalidUpload(
+                    f"{filename}: expected one archive folder with one data.pkl (as torch.save "
+                    f"writes); found {len(pkl_names)} data.pkl in {len(folders)} folders"
+                )
+            folder = pkl_names[0].split("/", 1)[0]
+            if any(n in names for n in (f"{folder}/constants.pkl", f"{folder}/code/")) or any(
+                n.startswith(f"{folder}/code/") for n in names
+            ):
+                raise InvalidUpload(
+                    f"{filename}: a TorchScript archive (it holds code), not a state_dict; "
+                    "upload torch.save(model.state_dict(), path) or safetensors"
+                )
+            info = zf.getinfo(pkl_names[0])
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise InvalidUpload(
+                    f"{filename}: data.pkl is {info.file_size} bytes, above the limit of "
+                    f"{MAX_PICKLE_BYTES}; a state_dict's is a few kB"
+                )
+            with zf.open(info) as fh:
+                data = fh.read(MAX_PICKLE_BYTES + 1)
+    except (zipfile.BadZipFile, OSError, zlib.error) as exc:
+        raise InvalidUpload(f"{filename}: corrupt zip archive ({str(exc)[:200]})") from None
+    try:
+        refs = pickle_globals(data)
+    except PickleRefused as exc:
         raise InvalidUpload(
-            f"{filename}: refers to {', '.join(bad[:5])}, which a plain state_dict never does; "
+            f"{filename}: the pickle refers to {exc}, which a plain state_dict never does; "
             "upload weights only (model.state_dict()) or safetensors"
-        )
-    return {"pickle_refs": sorted(refs)}
+        ) from None
+    return {"pickle_refs": refs}
 
 
 def check_npz(path: Path, filename: str) -> dict[str, Any]:

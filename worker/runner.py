@@ -138,6 +138,15 @@ def _failure_reason(exc: BaseException, job: Job) -> str:
     if isinstance(exc, MippError):
         return str(exc)
     text = str(exc)
+    if isinstance(exc, MemoryError) or "DefaultCPUAllocator" in text or (
+        "can't allocate memory" in text
+    ):
+        # torch reports a failed host allocation as a RuntimeError, not a MemoryError.
+        return (
+            "out of host memory: the model (its widths) or the data is too large for this "
+            "worker; use a smaller architecture config, dataset or calibration_samples "
+            f"({text[:200]})"
+        )
     try:
         import torch
 
@@ -149,8 +158,6 @@ def _failure_reason(exc: BaseException, job: Job) -> str:
             "out of GPU memory: reduce config.retrain.batch_size, config.reconstructor.batch_size "
             f"or config.calibration_samples, or use a queue with a larger GPU ({text[:300]})"
         )
-    if isinstance(exc, MemoryError):
-        return "out of host memory: use a smaller dataset or calibration_samples"
     if isinstance(exc, RuntimeError) and ("shape" in text or "size mismatch" in text):
         return f"the model and the dataset do not fit together: {text[:500]}"
     return f"internal error in the worker ({type(exc).__name__}: {text[:300]}); see log.txt"

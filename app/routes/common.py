@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Query
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidRequest
 from app.models import Job, JobStatus
 from app.settings import Settings
+
+
+# Paging parameters every list route shares. The offset bound keeps it inside a 64-bit SQL
+# integer on every backend (2**63 was a 500 on PostgreSQL and SQLite).
+MAX_OFFSET = 1_000_000_000
+Limit = Annotated[int, Query(ge=1, le=200, description="Items per page (1-200).")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip.")]
+MAX_NAME_CHARS = 200  # the name columns are VARCHAR(200)
+MAX_JSON_FIELD_DEPTH = 16
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_text(value: str | None, field: str, max_chars: int = MAX_NAME_CHARS) -> str | None:
+    """A name-like field: no control characters (PostgreSQL refuses NUL), at most `max_chars`."""
+    if value is None:
+        return None
+    if _CONTROL.search(value):
+        raise InvalidRequest(
+            f"{field} contains a control character (e.g. NUL or a newline); remove it"
+        )
+    if len(value) > max_chars:
+        raise InvalidRequest(
+            f"{field} is {len(value)} characters long; at most {max_chars} are allowed"
+            + ("; rename the file or pass `name`" if field == "filename" else "")
+        )
+    return value
 
 
 def page(session: Session, stmt: Select, order_by, limit: int, offset: int) -> tuple[list, int]:
@@ -32,10 +60,13 @@ def upload_tmpdir(settings: Settings):
 def parse_json_field(text: str | None, field: str, kind: type, example: str) -> Any:
     if text is None or text == "":
         return None
+    from app.body_guard import MalformedJson, check_json
+
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"form field {field!r} is not valid JSON ({exc}); e.g. {example}") from None
+        value = check_json(text.encode("utf-8", "surrogatepass"), MAX_JSON_FIELD_DEPTH)
+    except MalformedJson as exc:
+        message = str(exc).replace("the body", f"form field {field!r}")
+        raise InvalidRequest(f"{message}; e.g. {example}") from None
     if not isinstance(value, kind):
         raise InvalidRequest(f"form field {field!r} must be a JSON {kind.__name__}, e.g. {example}")
     return value

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
 from app.deps import CurrentUser, OwnedDataset, SessionDep, SettingsDep, StoreDep, visible
 from app.models import Dataset, Job, new_id
-from app.routes.common import delete_unless_in_use, page, upload_tmpdir
+from app.routes.common import (
+    MAX_NAME_CHARS,
+    Limit,
+    Offset,
+    check_text,
+    delete_unless_in_use,
+    page,
+    upload_tmpdir,
+)
 from app.schemas import BuiltinDatasetIn, DatasetOut, Page
 from app.storage import dataset_key
 from app.uploads import check_npz, save_upload
@@ -26,7 +34,9 @@ def upload_dataset(
     file: Annotated[UploadFile, File(description=".npz with x, y and optionally x_test, y_test")],
     name: Annotated[str | None, Form(max_length=200)] = None,
 ):
-    filename = file.filename or "data.npz"
+    check_text(name, "name")
+    filename = check_text(file.filename, "filename", 1000 if name else MAX_NAME_CHARS)
+    filename = filename or "data.npz"
     with upload_tmpdir(settings) as tmp:
         saved = save_upload(file.file, tmp / "upload.npz", settings.max_upload_bytes, filename)
         summary = check_npz(saved.path, filename)
@@ -55,6 +65,7 @@ def upload_dataset(
 
 @router.post("/builtin", response_model=DatasetOut, status_code=201)
 def add_builtin_dataset(body: BuiltinDatasetIn, user: CurrentUser, session: SessionDep):
+    check_text(body.display_name, "display_name")
     row = Dataset(
         owner_id=user.id,
         name=body.display_name or body.name,
@@ -72,8 +83,8 @@ def add_builtin_dataset(body: BuiltinDatasetIn, user: CurrentUser, session: Sess
 def list_datasets(
     user: CurrentUser,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ):
     stmt = visible(select(Dataset), Dataset.owner_id, user)
     items, total = page(session, stmt, Dataset.created_at.desc(), limit, offset)

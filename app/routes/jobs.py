@@ -25,7 +25,7 @@ from app.deps import (
 from app.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, Unavailable
 from app.jobs import request_cancel
 from app.models import Dataset, Job, JobStatus, ModelFile, utcnow
-from app.routes.common import page
+from app.routes.common import Limit, Offset, check_text, page
 from app.schemas import ArtifactOut, JobIn, JobOut, LayerOut, Page
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -56,6 +56,7 @@ def submit_job(
     settings: SettingsDep,
     response: Response,
 ):
+    check_text(body.idempotency_key, "idempotency_key", 100)
     if body.idempotency_key:
         existing = session.scalar(
             select(Job).where(Job.owner_id == user.id, Job.idempotency_key == body.idempotency_key)
@@ -127,8 +128,8 @@ def list_jobs(
     user: CurrentUser,
     session: SessionDep,
     status: Annotated[list[str] | None, Query(description="Filter; repeat for several.")] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ):
     stmt = visible(select(Job), Job.owner_id, user)
     if status:

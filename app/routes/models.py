@@ -8,20 +8,30 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
 from app.deps import CurrentUser, OwnedModel, SessionDep, SettingsDep, StoreDep, visible
 from app.errors import InvalidRequest, InvalidUpload
 from app.models import Job, ModelFile, new_id
-from app.routes.common import delete_unless_in_use, page, parse_json_field, upload_tmpdir
-from app.schemas import MODEL_FORMATS, ZOO_ARCHITECTURES, ModelOut, Page
+from app.routes.common import (
+    MAX_NAME_CHARS,
+    Limit,
+    Offset,
+    check_text,
+    delete_unless_in_use,
+    page,
+    parse_json_field,
+    upload_tmpdir,
+)
+from app.schemas import MAX_CLASSES, MODEL_FORMATS, ZOO_ARCHITECTURES, ModelOut, Page
 from app.storage import model_key
 from app.uploads import check_safetensors, check_state_dict_pt, save_upload
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 CHECKS = {"safetensors": check_safetensors, "pt": check_state_dict_pt}
+MAX_INPUT_DIM = 1_000_000  # per axis; an (N, 10**6) float32 batch of 1 is 4 MB
 FILENAMES = {"safetensors": "weights.safetensors", "pt": "weights.pt"}
 
 
@@ -36,7 +46,7 @@ def upload_model(
     format: Annotated[str, Form(description="safetensors | pt")] = "safetensors",
     config: Annotated[str, Form(description='Architecture config JSON, e.g. {"widths": [64, 32]}')] = "{}",
     input_shape: Annotated[str | None, Form(description="Per-sample shape JSON, e.g. [64]")] = None,
-    num_classes: Annotated[int | None, Form(ge=2)] = None,
+    num_classes: Annotated[int | None, Form(ge=2, le=MAX_CLASSES)] = None,
     name: Annotated[str | None, Form(max_length=200)] = None,
 ):
     if format not in MODEL_FORMATS:
@@ -49,10 +59,15 @@ def upload_model(
     arch_config = parse_json_field(config, "config", dict, '{"widths": [64, 32]}') or {}
     shape = parse_json_field(input_shape, "input_shape", list, "[64] or [1, 28, 28]")
     if shape is not None and not (
-        1 <= len(shape) <= 3 and all(isinstance(d, int) and d > 0 for d in shape)
+        1 <= len(shape) <= 3
+        and all(type(d) is int and 0 < d <= MAX_INPUT_DIM for d in shape)
     ):
-        raise InvalidRequest(f"input_shape must be 1-3 positive integers, got {shape}")
-    filename = file.filename or FILENAMES[format]
+        raise InvalidRequest(
+            f"input_shape must be 1-3 integers in 1..{MAX_INPUT_DIM}, got {str(shape)[:100]}"
+        )
+    check_text(name, "name")
+    filename = check_text(file.filename, "filename", 1000 if name else MAX_NAME_CHARS)
+    filename = filename or FILENAMES[format]
 
     with upload_tmpdir(settings) as tmp:
         saved = save_upload(file.file, tmp / "upload", settings.max_upload_bytes, filename)
@@ -88,8 +103,8 @@ def upload_model(
 def list_models(
     user: CurrentUser,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ):
     stmt = visible(select(ModelFile), ModelFile.owner_id, user)
     items, total = page(session, stmt, ModelFile.created_at.desc(), limit, offset)
