@@ -1,7 +1,8 @@
 """`mipp serve` and `mipp admin ...`: the service's commands, registered as a `mipp` plugin.
 
 `mipp serve` is the embedded default: SQLite, a local-directory store and the kombu
-filesystem broker under one data directory, the API and one worker started together. The
+filesystem broker under one data directory, the API and one worker started together and
+restarted when they die. The
 same code with MIPP_DATABASE_URL / MIPP_BROKER_URL / MIPP_STORE=s3 is the team setup.
 """
 
@@ -126,12 +127,14 @@ def cmd_create_key(args) -> int:
     return 0
 
 
-def worker_command(settings, extra: list[str] | None = None) -> list[str]:
-    """The worker command line: prefork, one process, the configured queues."""
+def worker_command(settings, extra: list[str] | None = None,
+                   hostname: str = "mipp-worker@%h") -> list[str]:
+    """The worker command line: prefork, one process, the configured queues. Each worker
+    node needs its own `hostname` (node name): orphan recovery goes by it."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
         "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
-        "--queues", ",".join(settings.all_queues), "--hostname", "mipp-worker@%h",
+        "--queues", ",".join(settings.all_queues), "--hostname", hostname,
         "--without-gossip", "--without-mingle",
         *(extra or []),
     ]
@@ -165,12 +168,11 @@ def cmd_serve(args) -> int:
         sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
         "--host", args.host, "--port", str(args.port), "--log-level", "info",
     ]
-    procs: list[tuple[str, subprocess.Popen]] = []
-    # Own process groups: Ctrl-C reaches only us, and we stop the children in order.
-    api = subprocess.Popen(api_cmd, env=env, start_new_session=True)
-    procs.append(("api", api))
+    children = [Supervised("api", api_cmd, env)]
     if not args.no_worker:
-        procs.append(("worker", subprocess.Popen(worker_command(settings), env=env, start_new_session=True)))
+        children.append(Supervised("worker", worker_command(settings), env))
+    for child in children:
+        child.start()
 
     base = f"http://{args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{args.port}"
     print(
@@ -191,18 +193,80 @@ def cmd_serve(args) -> int:
     code = 0
     try:
         while not stopping:
-            for name, proc in procs:
-                if proc.poll() is not None:
-                    print(f"{name} exited with code {proc.returncode}; stopping", file=sys.stderr)
-                    stopping, code = True, proc.returncode or 1
+            for child in children:
+                failed = child.restart_if_dead()
+                if failed is not None:  # it could not start at all (a port in use, ...)
+                    stopping, code = True, failed or 1
             time.sleep(0.2)
     finally:
         print("stopping...", file=sys.stderr, flush=True)
-        for name, proc in reversed(procs):
-            _stop(proc, name, grace_s=10.0 if name == "worker" else 5.0)
+        for child in reversed(children):
+            child.stop(grace_s=10.0 if child.name == "worker" else 5.0)
         for s, handler in old.items():
             signal.signal(s, handler)
     return code
+
+
+class Supervised:
+    """A child process of `mipp serve` that is restarted when it dies.
+
+    A dead child's whole process group is killed first (a worker's job process may outlive
+    its parent), so nothing runs unsupervised; the restarted worker re-queues the job that
+    process held (orphan recovery) and the API's maintenance loop sends it within seconds.
+    Restarts back off (1 s doubling to 30 s) while a child keeps dying within a minute; a
+    child that dies within `STARTUP_S` of its first start is a failure to start, not a crash.
+    """
+
+    STARTUP_S = 5.0
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str]):
+        self.name, self.cmd, self.env = name, cmd, env
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.backoff_s = 0.0
+        self.restart_at: float | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        # Own process group: Ctrl-C reaches only us, and we stop the children in order.
+        self.proc = subprocess.Popen(self.cmd, env=self.env, start_new_session=True)
+        self.started_at = time.monotonic()
+        self.starts += 1
+
+    def restart_if_dead(self) -> int | None:
+        """Restart a dead child (after its back-off); returns its exit code if it never
+        started, else None."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        now = time.monotonic()
+        if self.restart_at is None:
+            _kill_group(self.proc.pid)
+            lived = now - self.started_at
+            if self.starts == 1 and lived < self.STARTUP_S:
+                print(f"{self.name} exited with code {self.proc.returncode} at start; stopping",
+                      file=sys.stderr, flush=True)
+                return self.proc.returncode
+            self.backoff_s = 0.0 if lived > 60 else min(max(1.0, self.backoff_s * 2), 30.0)
+            print(f"{self.name} exited with code {self.proc.returncode} after {lived:.0f} s; "
+                  f"restarting it in {self.backoff_s:.0f} s", file=sys.stderr, flush=True)
+            self.restart_at = now + self.backoff_s
+        if now >= self.restart_at:
+            self.restart_at = None
+            self.start()
+        return None
+
+    def stop(self, grace_s: float) -> None:
+        if self.proc is not None:
+            _stop(self.proc, self.name, grace_s)
+            _kill_group(self.proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a stopped child's process group (nothing, normally)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Domain errors and the one place that maps them (and engine errors) to HTTP answers.
+"""The one place that maps domain errors (app.core.errors), engine errors and framework
+errors to HTTP answers.
 
 A user-caused error is a 4xx with a message that names the problem; only bugs are 500s.
 Every error answer has one shape: `{"detail": str, "code": str, "errors"?: [...]}`, where
@@ -15,65 +16,21 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
+from app.core.errors import (  # noqa: F401 - the routes import them from here
+    ServiceError,
+    NotFound,
+    InvalidUpload,
+    InvalidRequest,
+    Conflict,
+    TooLarge,
+    QuotaExceeded,
+    Unavailable,
+    Unauthorized,
+    Forbidden,
+)
 from app.storage import StoreError
 
 log = logging.getLogger("mipp.api")
-
-
-class ServiceError(Exception):
-    status_code = 400
-    code = "bad_request"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class NotFound(ServiceError):
-    status_code = 404
-    code = "not_found"
-
-
-class InvalidUpload(ServiceError):
-    """An uploaded file is not what it claims to be; nothing was stored."""
-
-    status_code = 422
-    code = "invalid_upload"
-
-
-class InvalidRequest(ServiceError):
-    status_code = 422
-    code = "invalid_request"
-
-
-class Conflict(ServiceError):
-    status_code = 409
-    code = "conflict"
-
-
-class TooLarge(ServiceError):
-    status_code = 413
-    code = "too_large"
-
-
-class QuotaExceeded(ServiceError):
-    status_code = 429
-    code = "quota_exceeded"
-
-
-class Unavailable(ServiceError):
-    status_code = 503
-    code = "unavailable"
-
-
-class Unauthorized(ServiceError):
-    status_code = 401
-    code = "unauthorized"
-
-
-class Forbidden(ServiceError):
-    status_code = 403
-    code = "forbidden"
 
 
 # Codes of the HTTP errors Starlette/FastAPI raise themselves (unknown route, wrong method...).

@@ -13,8 +13,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.body_guard import JsonBodyGuard
-
-from app.db import make_engine, make_sessionmaker, session_scope
+from app.core.maintenance import MaintenanceReport, run_maintenance
+from app.core.scratch import remove_abandoned
+from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.queue import JobQueue
 from app.routes import datasets, health, jobs, models, users
@@ -70,38 +71,27 @@ class _BodyTooLarge(HTTPException):
         super().__init__(413, f"request body above the limit of {max_bytes} bytes")
 
 
-class Sweeper:
-    """Every `interval` seconds, re-queue or fail running jobs whose worker went quiet."""
+class Maintenance:
+    """Every `sweeper_interval_s`, one maintenance round (app.core.maintenance): sweep stale
+    jobs, send unsent ones, reconcile lost messages, remove abandoned scratch folders."""
 
     def __init__(self, app: FastAPI):
         self.app = app
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="mipp-sweeper", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="mipp-maintenance", daemon=True)
 
     def _loop(self) -> None:
         settings: Settings = self.app.state.settings
         while not self.stop.wait(settings.sweeper_interval_s):
             try:
-                sweep_once(self.app)
-            except Exception:  # noqa: BLE001 - keep sweeping; the next round may succeed
-                log.exception("sweeper round failed")
+                maintain_once(self.app)
+            except Exception:  # noqa: BLE001 - keep going; the next round may succeed
+                log.exception("maintenance round failed")
 
 
-def sweep_once(app: FastAPI) -> tuple[list[str], list[str]]:
-    from app.jobs import sweep
-    from app.models import Job
-
-    settings: Settings = app.state.settings
-    with session_scope(app.state.sessionmaker) as session:
-        requeued, failed = sweep(
-            session, stale_after_s=settings.stale_heartbeat_s, max_attempts=settings.max_attempts
-        )
-        for job_id in requeued:
-            job = session.get(Job, job_id)
-            app.state.queue.enqueue(job_id, job.queue, job.time_limit_s)
-    if requeued or failed:
-        log.warning("sweeper: re-queued %s, failed %s", requeued, failed)
-    return requeued, failed
+def maintain_once(app: FastAPI) -> MaintenanceReport:
+    state = app.state
+    return run_maintenance(state.sessionmaker, state.queue, state.store, state.settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,13 +99,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        sweeper = None
+        # An API killed mid-upload left its scratch folder; remove it before serving.
+        remove_abandoned(settings.tmp_dir)
+        maintenance = None
         if settings.sweeper_interval_s > 0:
-            sweeper = Sweeper(app)
-            sweeper.thread.start()
+            maintenance = Maintenance(app)
+            maintenance.thread.start()
         yield
-        if sweeper is not None:
-            sweeper.stop.set()
+        if maintenance is not None:
+            maintenance.stop.set()
         app.state.engine.dispose()
 
     app = FastAPI(

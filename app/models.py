@@ -171,6 +171,9 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The running attempt's job process on `worker`'s host: a restarted worker re-queues the
+    # jobs of its node whose process is gone at once (app.core.jobs.requeue_orphans).
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -6,13 +6,51 @@ worker's task code: it sends the task by name.
 
 from __future__ import annotations
 
+import os
+import uuid
+from time import monotonic
 from typing import Any
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import filesystem as kombu_filesystem
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
 
 from app.settings import Settings
 
 RUN_JOB_TASK = "mipp.run_job"
+
+
+class AtomicFilesystemChannel(kombu_filesystem.Channel):
+    """kombu's filesystem channel, but a message file appears only once complete.
+
+    kombu writes `<id>.<queue>.msg` in place while a polling worker may already move and
+    read it: the worker then parses an empty or partial file and its consumer crashes (seen
+    under load). Writing `<name>.part` and renaming makes the message appear atomically.
+    """
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        part = final + ".part"  # not `<queue>.msg`: no reader picks it up
+        try:
+            with open(part, "wb") as fh:
+                fh.write(str_to_bytes(dumps(payload)))
+            os.replace(part, final)
+        except OSError as exc:
+            from kombu.exceptions import ChannelError
+
+            raise ChannelError(f"cannot add message {name!r} to {self.data_folder_out}") from exc
+
+
+class AtomicFilesystemTransport(kombu_filesystem.Transport):
+    Channel = AtomicFilesystemChannel
+
+
+# Every process that imports this module (API, worker, CLI) gets the atomic variant for
+# `filesystem://` URLs.
+TRANSPORT_ALIASES["filesystem"] = f"{__name__}:AtomicFilesystemTransport"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -90,6 +128,20 @@ class JobQueue:
             soft_time_limit=time_limit_s,
             time_limit=time_limit_s + self.settings.hard_time_limit_grace_s,
         )
+
+    def waiting(self, queue: str) -> int | None:
+        """Messages waiting in `queue` (not counting those a worker holds); None if unknown."""
+        from kombu.exceptions import ChannelError
+
+        try:
+            with self.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=3)
+                with conn.channel() as channel:
+                    return channel.queue_declare(queue=queue, passive=True).message_count
+        except ChannelError:  # Redis: an empty queue does not exist
+            return 0
+        except Exception:  # noqa: BLE001 - unknown: the caller re-sends to be safe
+            return None
 
     def check(self) -> None:
         """Raise if the broker cannot be reached."""

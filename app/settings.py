@@ -59,7 +59,14 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(0.5, ge=0, description="Throttle for progress writes.")
     stale_heartbeat_s: float = Field(120.0, gt=0, description="A running job this quiet is dead.")
     max_attempts: int = Field(2, ge=1, description="Runs a job may get after worker deaths.")
-    sweeper_interval_s: float = Field(30.0, ge=0, description="0 disables the API's sweeper.")
+    sweeper_interval_s: float = Field(
+        5.0, ge=0, description="Maintenance round of the API (sweep stale jobs, send unsent "
+        "ones, reconcile lost messages, remove abandoned scratch folders); 0 disables it."
+    )
+    reconcile_after_s: float = Field(
+        60.0, gt=0, description="A queued job still unclaimed this long after its send is sent "
+        "again when the broker holds fewer messages than there are queued jobs (a lost message)."
+    )
     worker_device: str = Field("auto", description="Device for jobs whose config says auto.")
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads per job (torch.set_num_threads); None: torch's default."

@@ -170,7 +170,7 @@ class S3Store:
         self._wrap(self.client.download_file, self.bucket, _safe_key(key), str(path))
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_object(Bucket=self.bucket, Key=_safe_key(key))
@@ -179,6 +179,8 @@ class S3Store:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise StoreError(str(exc)) from exc
+        except BotoCoreError as exc:  # unreachable: the caller answers 503
+            raise StoreError(f"S3 head_object failed: {exc}") from exc
 
     def list_keys(self, prefix: str = "") -> list[str]:
         keys: list[str] = []
@@ -241,3 +243,8 @@ def dataset_key(user_id: str, dataset_id: str) -> str:
 
 def job_prefix(user_id: str, job_id: str) -> str:
     return f"{user_prefix(user_id)}/jobs/{job_id}"
+
+
+def attempt_prefix(user_id: str, job_id: str, attempt: int) -> str:
+    """Where attempt `attempt` of a job writes: a stale attempt never touches another's files."""
+    return f"{job_prefix(user_id, job_id)}/attempt-{attempt}"

@@ -10,7 +10,7 @@ per job, time limits, visibility timeout).
 from __future__ import annotations
 
 from celery.concurrency import asynpool
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 from app.queue import RUN_JOB_TASK, make_celery
 from app.settings import get_settings
@@ -36,6 +36,18 @@ def _warm_database(**_kwargs) -> None:
         runner.warm_database(settings)
     except Exception:  # noqa: BLE001 - the job process connects (and reports) on its own
         runner.log.warning("could not reach the database at start-up", exc_info=True)
+
+
+@worker_ready.connect
+def _recover_after_restart(sender=None, **_kwargs) -> None:
+    """A (re)started worker node: its jobs whose process is gone are re-queued now, not
+    after the stale-heartbeat delay, and scratch folders of dead job processes go."""
+    try:
+        runner.remove_abandoned(settings.tmp_dir, ("job",))
+        runner.recover_orphans(settings, sender.hostname)
+        runner.database(settings).dispose()  # job processes open their own connections
+    except Exception:  # noqa: BLE001 - the API's sweeper still catches them later
+        runner.log.warning("could not recover this node's orphaned jobs", exc_info=True)
 
 
 @worker_process_init.connect

@@ -1,39 +1,42 @@
 """One job, start to end: claim the row, fetch inputs, run `mipp.prune`, store the outputs.
 
 Outcomes: succeeded, failed (with a reason a user can act on) or cancelled; a duplicate
-delivery claims nothing and returns "skipped". Every final write is conditional on the row
-still being this attempt's, so a sweeper that gave the job away wins.
+delivery claims nothing and returns "skipped". Job state changes are calls into
+app.core.jobs: the final write is conditional on the row still being this attempt's, and an
+attempt stores its files under its own prefix (`.../attempt-{n}/`), so an attempt the sweeper
+gave away can write nothing a reader sees.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 import tarfile
-import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
+from app.core import jobs
+from app.core.artifacts import (
+    LOG_NAME,
+    SweptLogs,
+    attempt_log_key,
+    copy_attempt_logs,
+    store_artifact,
+)
+from app.core.scratch import pid_alive, remove_abandoned, scratch_dir
 from app.db import make_engine, make_sessionmaker
-from app.jobs import claim
-from app.models import Artifact, Dataset, Job, JobLayer, JobStatus, ModelFile, utcnow
+from app.models import Artifact, Dataset, Job, JobStatus, ModelFile
 from app.settings import Settings
-from app.storage import job_prefix, make_store
+from app.storage import StoreError, attempt_prefix, make_store
 
 log = logging.getLogger("mipp.worker")
-
-CONTENT_TYPES = {
-    ".tar.gz": "application/gzip",
-    ".json": "application/json",
-    ".onnx": "application/octet-stream",
-    ".txt": "text/plain; charset=utf-8",
-}
 
 
 class JobCancelled(Exception):
@@ -44,11 +47,13 @@ class Reporter:
     """The engine's progress callback: writes phase/progress (throttled) and a heartbeat, and
     stops the run (mipp.errors.Cancelled) once the row's cancel flag is set."""
 
-    def __init__(self, sessionmaker, job_id: str, attempt: int, settings: Settings):
+    def __init__(self, sessionmaker, job_id: str, attempt: int, settings: Settings,
+                 keep_log: Callable[[], None] | None = None):
         self.sessionmaker = sessionmaker
         self.job_id, self.attempt = job_id, attempt
         self.interval = settings.progress_interval_s
         self.heartbeat_interval = settings.heartbeat_interval_s
+        self.keep_log = keep_log  # stores the log so far: a killed attempt's log survives it
         self.cancelled = threading.Event()
         self.lost = threading.Event()  # the row is no longer ours (sweeper re-queued/failed it)
         self._stop = threading.Event()
@@ -56,20 +61,12 @@ class Reporter:
         self._phase: str | None = None
         self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
 
-    def _guard(self):
-        return (Job.id == self.job_id, Job.status == JobStatus.RUNNING, Job.attempt == self.attempt)
-
     def _write(self, **values: Any) -> None:
         with self.sessionmaker() as session:
-            changed = session.execute(
-                update(Job).where(*self._guard()).values(heartbeat_at=utcnow(), **values)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            flag = session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
-            session.commit()
-        if not changed:
+            ours, cancel = jobs.record_progress(session, self.job_id, self.attempt, **values)
+        if not ours:
             self.lost.set()
-        if flag:
+        if cancel:
             self.cancelled.set()
 
     def _heartbeat_loop(self) -> None:
@@ -78,12 +75,19 @@ class Reporter:
                 self._write()
             except Exception:  # noqa: BLE001 - a missed heartbeat is not fatal
                 log.warning("heartbeat write failed", exc_info=True)
+            if self.keep_log is not None and not self.lost.is_set():
+                try:
+                    self.keep_log()
+                except Exception:  # noqa: BLE001 - the final upload retries
+                    log.warning("could not store the log so far", exc_info=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)  # no log upload may follow the final one
 
     def check(self) -> None:
         if self.cancelled.is_set() or self.lost.is_set():
@@ -105,18 +109,6 @@ class Reporter:
             from mipp.errors import Cancelled
 
             raise Cancelled("cancel requested")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _content_type(name: str) -> str:
-    return next((t for suffix, t in CONTENT_TYPES.items() if name.endswith(suffix)), "application/octet-stream")
 
 
 def _jsonable(value: Any) -> Any:
@@ -164,22 +156,58 @@ def _failure_reason(exc: BaseException, job: Job) -> str:
 
 
 class JobRun:
-    def __init__(self, job: Job, settings: Settings, sessionmaker, store):
+    def __init__(self, job: Job, settings: Settings, sessionmaker, store, log_path: Path):
         self.job, self.settings, self.sessionmaker, self.store = job, settings, sessionmaker, store
-        self.prefix = job_prefix(job.owner_id, job.id)
-        self.reporter = Reporter(sessionmaker, job.id, job.attempt, settings)
+        self.prefix = attempt_prefix(job.owner_id, job.id, job.attempt)
+        self.log_path = log_path
+        self._log_size_stored = -1
+        self.reporter = Reporter(sessionmaker, job.id, job.attempt, settings, keep_log=self.keep_log)
         self.artifacts: list[Artifact] = []
 
     def upload(self, path: Path, name: str) -> None:
-        key = f"{self.prefix}/{name}"
-        content_type = _content_type(name)
-        self.store.put_file(key, path, content_type)
-        self.artifacts.append(
-            Artifact(
-                job_id=self.job.id, name=name, store_key=key, size_bytes=path.stat().st_size,
-                sha256=_sha256(path), content_type=content_type,
+        """Store an output under this attempt's prefix; it becomes the job's at the final write."""
+        self.artifacts.append(store_artifact(self.store, self.job.id, f"{self.prefix}/{name}", path, name))
+
+    def keep_log(self) -> None:
+        """Store the log so far under this attempt's prefix (when it grew)."""
+        size = self.log_path.stat().st_size if self.log_path.exists() else 0
+        if size != self._log_size_stored:
+            self.store.put_file(attempt_log_key(self.job.owner_id, self.job.id, self.job.attempt),
+                                self.log_path, "text/plain; charset=utf-8")
+            self._log_size_stored = size
+
+    def keep_earlier_logs(self) -> None:
+        """Copy the logs of this job's earlier (killed) attempts into this attempt's prefix."""
+        if self.job.attempt > 1:
+            self.artifacts += copy_attempt_logs(
+                self.store, self.job.owner_id, self.job.id, range(1, self.job.attempt),
+                self.prefix, self.settings.tmp_dir,
             )
-        )
+
+    def discard(self) -> None:
+        """After a lost final write: remove this attempt's files, which no row points to. The
+        log stays while the job is still active, so the attempt that ends it can keep it."""
+        with self.sessionmaker() as session:
+            status = session.scalar(select(Job.status).where(Job.id == self.job.id))
+        keep_log = status in JobStatus.ACTIVE
+        try:
+            for key in self.store.list_keys(self.prefix + "/"):
+                if not (keep_log and key.endswith("/" + LOG_NAME)):
+                    self.store.delete(key)
+        except StoreError:
+            log.warning("job %s: could not remove the files of lost attempt %d", self.job.id,
+                        self.job.attempt, exc_info=True)
+
+    def remove_earlier_attempts(self) -> None:
+        """After this attempt's final write: earlier attempts' files are unreferenced (their
+        logs were copied)."""
+        try:
+            for attempt in range(1, self.job.attempt):
+                prefix = attempt_prefix(self.job.owner_id, self.job.id, attempt)
+                for key in self.store.list_keys(prefix + "/"):
+                    self.store.delete(key)
+        except StoreError:
+            log.warning("job %s: could not remove earlier attempts' files", self.job.id, exc_info=True)
 
     def execute(self, work: Path) -> dict[str, Any]:
         """Fetch inputs, prune, store outputs; returns the values of the succeeded row."""
@@ -257,34 +285,11 @@ class JobRun:
     def finish(self, status: str, *, error: str | None = None, message: str = "",
                outputs: dict[str, Any] | None = None) -> bool:
         """Write the final state if the row is still this attempt's; True when written."""
-        job = self.job
-        values: dict[str, Any] = dict(
-            status=status, phase=status, finished_at=utcnow(), heartbeat_at=utcnow(),
-            error=error, message=message,
-        )
-        if status == JobStatus.SUCCEEDED:
-            values["progress"] = 1.0
-        if outputs is not None:
-            values["metrics"] = outputs["metrics"]
-            values["masks"] = outputs["masks"]
         with self.sessionmaker() as session:
-            changed = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.attempt == job.attempt)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if changed:
-                for position, layer in enumerate((outputs or {}).get("layers", [])):
-                    extra = {k: v for k, v in layer.items() if k not in ("name", "units_before", "units_after")}
-                    session.add(JobLayer(
-                        job_id=job.id, position=position, name=layer["name"],
-                        units_before=layer["units_before"], units_after=layer["units_after"],
-                        details=extra,
-                    ))
-                session.add_all(self.artifacts)
-            session.commit()
-        return bool(changed)
+            return jobs.finish_attempt(
+                session, self.job.id, self.job.attempt, status, error=error, message=message,
+                outputs=outputs, artifacts=self.artifacts,
+            )
 
 
 _ENGINES: dict[str, Any] = {}
@@ -314,12 +319,30 @@ def after_fork() -> None:
         engine.dispose(close=False)
 
 
+def recover_orphans(settings: Settings, worker_name: str) -> jobs.DeadAttempts:
+    """Re-queue (or end) the running jobs of this worker node whose job process is gone: the
+    node was restarted, or its job process was killed. The API's maintenance loop sends them;
+    a message redelivered to this node is claimed right after."""
+    sessionmaker = make_sessionmaker(database(settings))
+    with sessionmaker() as session:
+        dead = jobs.requeue_orphans(
+            session, worker_name, max_attempts=settings.max_attempts, is_alive=pid_alive,
+            attempt_logs=SweptLogs(make_store(settings), settings.tmp_dir),
+        )
+    if dead.requeued or dead.ended:
+        log.warning("orphaned jobs of %s: re-queued %s, ended %s", worker_name, dead.requeued,
+                    dead.ended)
+    return dead
+
+
 def run_job(job_id: str, *, settings: Settings, worker_name: str = "worker") -> str:
     """Run one job to its end; returns "succeeded" | "failed" | "cancelled" | "skipped"."""
     log.info("job %s: task started", job_id)
+    remove_abandoned(settings.tmp_dir, ("job",))
+    recover_orphans(settings, worker_name)
     sessionmaker = make_sessionmaker(database(settings))
     with sessionmaker() as session:
-        job = claim(session, job_id, worker_name)
+        job = jobs.claim(session, job_id, worker_name, os.getpid())
     if job is None:
         log.info("job %s: nothing to claim (duplicate delivery, cancelled or finished)", job_id)
         return "skipped"
@@ -328,17 +351,16 @@ def run_job(job_id: str, *, settings: Settings, worker_name: str = "worker") -> 
 
 
 def _run_claimed(job: Job, settings: Settings, sessionmaker) -> str:
-    run = JobRun(job, settings, sessionmaker, make_store(settings))
-    (settings.tmp_dir).mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
-    with tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix=f"job-{job.id}-") as tmp:
-        work = Path(tmp)
-        log_path = work / "log.txt"
+    with scratch_dir(settings.tmp_dir, "job") as work:
+        log_path = work / LOG_NAME
+        run = JobRun(job, settings, sessionmaker, make_store(settings), log_path)
         handler = logging.FileHandler(log_path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
+        log.info("job %s: attempt %d on %s (pid %d)", job.id, job.attempt, job.worker, os.getpid())
         run.reporter.start()
         outcome, error, outputs, message = JobStatus.FAILED, None, None, ""
         try:
@@ -351,7 +373,7 @@ def _run_claimed(job: Job, settings: Settings, sessionmaker) -> str:
                 outcome, message = JobStatus.CANCELLED, "cancelled by the user"
                 log.info("job %s: cancelled", job.id)
             elif isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise  # the worker is shutting down: the sweeper re-queues the job
+                raise  # the worker is shutting down: orphan recovery re-queues the job
             else:
                 error = _failure_reason(exc, job)
                 log.error("job %s failed: %s\n%s", job.id, error, traceback.format_exc())
@@ -359,14 +381,18 @@ def _run_claimed(job: Job, settings: Settings, sessionmaker) -> str:
             run.reporter.stop()
             root.removeHandler(handler)
             handler.close()
+        if run.reporter.lost.is_set():
+            log.warning("job %s: attempt %d lost the row (the sweeper gave it away)", job.id, job.attempt)
         try:
-            run.upload(log_path, "log.txt")
+            run.upload(log_path, LOG_NAME)
+            run.keep_earlier_logs()
         except Exception:  # noqa: BLE001 - the log must not change the outcome
             log.warning("could not store log.txt", exc_info=True)
-        if run.reporter.lost.is_set() and outcome == JobStatus.CANCELLED:
-            log.warning("job %s: the row was taken over (sweeper); leaving it", job.id)
-            return "lost"
         written = run.finish(outcome, error=error, message=message, outputs=outputs)
         if not written:
-            log.warning("job %s: the row changed under us; result not recorded", job.id)
+            log.warning("job %s: the row changed under attempt %d; result not recorded",
+                        job.id, job.attempt)
+            run.discard()
+            return "lost"
+        run.remove_earlier_attempts()
         return outcome

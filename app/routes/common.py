@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Query
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, InvalidRequest
-from app.models import Job, JobStatus
+from app.core.scratch import scratch_dir
+from app.errors import InvalidRequest
 from app.settings import Settings
 
 
@@ -52,9 +50,10 @@ def page(session: Session, stmt: Select, order_by, limit: int, offset: int) -> t
 
 @contextmanager
 def upload_tmpdir(settings: Settings):
-    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.tmp_dir, prefix="upload-") as tmp:
-        yield Path(tmp)
+    """Where an upload is spooled and checked; an API killed mid-upload leaves it to
+    app.core.scratch.remove_abandoned."""
+    with scratch_dir(settings.tmp_dir, "upload") as tmp:
+        yield tmp
 
 
 def parse_json_field(text: str | None, field: str, kind: type, example: str) -> Any:
@@ -70,21 +69,3 @@ def parse_json_field(text: str | None, field: str, kind: type, example: str) -> 
     if not isinstance(value, kind):
         raise InvalidRequest(f"form field {field!r} must be a JSON {kind.__name__}, e.g. {example}")
     return value
-
-
-def delete_unless_in_use(session: Session, store, row, job_column, what: str) -> None:
-    """Delete an uploaded model/dataset row and its stored file, unless an active job uses it.
-
-    The row goes first (committed), then the file: a failed store delete leaves an orphan
-    file, never a row that points at nothing.
-    """
-    active = session.scalar(
-        select(Job.id).where(job_column == row.id, Job.status.in_(JobStatus.ACTIVE)).limit(1)
-    )
-    if active:
-        raise Conflict(f"{what} {row.id!r} is used by active job {active!r}; cancel it first")
-    key = row.store_key
-    session.delete(row)
-    session.commit()
-    if key:
-        store.delete(key)

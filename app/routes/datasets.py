@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
+from app.core.inputs import delete_unless_in_use
 from app.deps import CurrentUser, OwnedDataset, SessionDep, SettingsDep, StoreDep, visible
 from app.models import Dataset, Job, new_id
 from app.routes.common import (
@@ -14,7 +15,6 @@ from app.routes.common import (
     Limit,
     Offset,
     check_text,
-    delete_unless_in_use,
     page,
     upload_tmpdir,
 )

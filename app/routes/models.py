@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
+from app.core.inputs import delete_unless_in_use
 from app.deps import CurrentUser, OwnedModel, SessionDep, SettingsDep, StoreDep, visible
 from app.errors import InvalidRequest, InvalidUpload
 from app.models import Job, ModelFile, new_id
@@ -19,7 +20,6 @@ from app.routes.common import (
     Limit,
     Offset,
     check_text,
-    delete_unless_in_use,
     page,
     parse_json_field,
     upload_tmpdir,

@@ -154,7 +154,7 @@ def test_engine_error_is_an_actionable_failure(service, digits_files):
 
 
 def test_sweeper_requeues_a_job_whose_worker_died(service, inputs):
-    from app.main import sweep_once
+    from app.main import maintain_once
     from app.models import Job, utcnow
 
     model_id, dataset_id = inputs
@@ -169,8 +169,8 @@ def test_sweeper_requeues_a_job_whose_worker_died(service, inputs):
             status="running", attempt=1, heartbeat_at=stale, started_at=stale,
             queue=service.settings.default_queue))
         session.commit()
-    requeued, failed = sweep_once(service.app)
-    assert job["id"] in requeued and not failed
+    report = maintain_once(service.app)
+    assert job["id"] in report.requeued and not report.ended
     done = service.wait("owner", job["id"])
     assert done["status"] == "succeeded" and done["attempt"] == 2
     # Out of attempts: the next stale run fails with a reason.
@@ -178,6 +178,6 @@ def test_sweeper_requeues_a_job_whose_worker_died(service, inputs):
         session.execute(update(Job).where(Job.id == job["id"]).values(
             status="running", attempt=service.settings.max_attempts, heartbeat_at=stale))
         session.commit()
-    requeued, failed = sweep_once(service.app)
-    assert job["id"] in failed
+    report = maintain_once(service.app)
+    assert job["id"] in report.ended
     assert "stopped responding" in service.job("owner", job["id"])["error"]

@@ -67,7 +67,7 @@ def test_api_process_never_imports_torch(tmp_path, digits_files):
 def test_claim_is_atomic(request, backend, tmp_path):
     """Eight concurrent deliveries of one job: exactly one claims it."""
     from app.db import make_engine, make_sessionmaker, migrate
-    from app.jobs import claim
+    from app.core.jobs import claim
     from app.models import Job, User
 
     url = (request.getfixturevalue("pg_url") if backend == "postgresql"
