@@ -15,7 +15,7 @@ from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound, Unauthorized
-from app.models import Dataset, Job, ModelFile, User
+from app.models import Dataset, Job, ModelFile, Sweep, User
 from app.queue import JobQueue
 from app.security import user_for_key
 from app.settings import Settings
@@ -100,6 +100,11 @@ def owned_dataset(
     return owned_row(session, Dataset, dataset_id, user, "dataset")
 
 
+def owned_sweep(session: SessionDep, user: CurrentUser, sweep_id: Annotated[str, Path()]) -> Sweep:
+    return owned_row(session, Sweep, sweep_id, user, "sweep")
+
+
 OwnedJob = Annotated[Job, Depends(owned_job)]
+OwnedSweep = Annotated[Sweep, Depends(owned_sweep)]
 OwnedModel = Annotated[ModelFile, Depends(owned_model)]
 OwnedDataset = Annotated[Dataset, Depends(owned_dataset)]

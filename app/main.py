@@ -18,7 +18,7 @@ from app.core.scratch import remove_abandoned
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.queue import JobQueue
-from app.routes import datasets, health, jobs, models, users
+from app.routes import datasets, health, jobs, models, sweeps, users
 from app.settings import Settings, get_settings
 from app.storage import make_store
 
@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     api = APIRouter(prefix=API_PREFIX)
-    for module in (users, models, datasets, jobs):
+    for module in (users, models, datasets, jobs, sweeps):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)

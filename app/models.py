@@ -158,6 +158,9 @@ class Job(Base):
     dataset_id: Mapped[str | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True, index=True
     )
+    sweep_id: Mapped[str | None] = mapped_column(
+        ForeignKey("sweeps.id", ondelete="SET NULL"), nullable=True, index=True
+    )
     idempotency_key: Mapped[str | None] = mapped_column(String(100), nullable=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(100))
@@ -165,7 +168,9 @@ class Job(Base):
 
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED)
     phase: Mapped[str] = mapped_column(String(50), default=JobStatus.QUEUED)
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # the whole job, 0-1
+    phase_progress: Mapped[float] = mapped_column(Float, default=0.0)  # within `phase`, 0-1
+    eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # left in `phase`
     message: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
@@ -183,6 +188,10 @@ class Job(Base):
 
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     masks: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The tol the selection used (chosen by the search when the job gave a target), and the
+    # units per layer {name: {"before", "after"}}: first-class, not buried in layer details.
+    tol: Mapped[float | None] = mapped_column(Float, nullable=True)
+    layer_units: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     layers: Mapped[list[JobLayer]] = relationship(
         cascade="all, delete-orphan", order_by="JobLayer.position"
@@ -190,6 +199,43 @@ class Job(Base):
     artifacts: Mapped[list[Artifact]] = relationship(
         cascade="all, delete-orphan", order_by="Artifact.name"
     )
+
+
+class Sweep(Base):
+    """One submission of several targets/tols x methods x seeds; its jobs carry `sweep_id`."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    model_id: Mapped[str | None] = mapped_column(
+        ForeignKey("models.id", ondelete="SET NULL"), nullable=True
+    )
+    dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True
+    )
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # the submitted body, minus the ids
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    jobs: Mapped[list[Job]] = relationship(order_by="Job.created_at")
+
+
+class JobLogLine(Base):
+    """One line of a job's log, written by the worker as it runs (read by GET /jobs/{id}/log).
+
+    The complete log is also kept as the artifact log.txt when the job ends."""
+
+    __tablename__ = "job_log_lines"
+    __table_args__ = (Index("ix_job_log_lines_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    line: Mapped[str] = mapped_column(Text)
 
 
 class JobLayer(Base):

@@ -8,7 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mipp.config import PruneConfig
+from mipp.config import METHODS, PruneConfig
 
 T = TypeVar("T")
 
@@ -101,9 +101,15 @@ class JobOut(BaseModel):
     owner_id: str
     model_id: str | None
     dataset_id: str | None
+    sweep_id: str | None = Field(None, description="The sweep this job belongs to, if any.")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     phase: str
-    progress: float
+    progress: float = Field(description="Whole job, 0-1 (phases weighted by their usual cost).")
+    phase_progress: float = Field(0.0, description="Within the current phase, 0-1.")
+    eta_s: float | None = Field(
+        None, description="Seconds left in the current phase, from its rate so far; null "
+        "until it can be estimated."
+    )
     message: str
     error: str | None
     attempt: int
@@ -120,6 +126,14 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     metrics: dict[str, Any] | None = Field(
         None, description="accuracy, params, macs, latency_ms, units, seconds (engine figures)."
+    )
+    tol: float | None = Field(
+        None, description="The tol the selection used: the one a target search chose, or the "
+        "configured one; null for baselines."
+    )
+    layer_units: dict[str, dict[str, int]] | None = Field(
+        None, description='Units per layer once the job succeeded: {"fc1": {"before": 64, '
+        '"after": 20}, ...}, in forward order.'
     )
 
 
@@ -142,3 +156,71 @@ class ArtifactOut(BaseModel):
     content_type: str
     created_at: datetime
     url: str = Field(description="Download path (authenticated GET).")
+
+
+class SweepIn(BaseModel):
+    """Several jobs from one submission: every method x (target or tol) x seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    dataset_id: str
+    targets: list[float] | None = Field(
+        None, min_length=1, max_length=50,
+        description="Fractions of units to remove (each in (0, 1)); one job per target.",
+    )
+    tols: list[float] | None = Field(
+        None, min_length=1, max_length=50,
+        description="MIPP tolerances (instead of targets); only for method mipp.",
+    )
+    methods: list[Literal[METHODS]] = Field(  # type: ignore[valid-type]
+        ["mipp"], min_length=1, max_length=len(METHODS), description="Selection methods."
+    )
+    seeds: list[int] = Field([0], min_length=1, max_length=20, description="One job per seed.")
+    config: PruneConfig = Field(
+        PruneConfig(), description="Every other setting; method, target, tol and seed are "
+        "set per job from the lists above."
+    )
+    queue: str | None = None
+    time_limit_s: int | None = Field(None, ge=1, description="Soft time limit of each job.")
+    name: str | None = Field(None, max_length=200)
+
+
+class SweepRow(BaseModel):
+    """One job of a sweep, with the figures the sweep's table and plot show."""
+
+    job_id: str
+    method: str
+    target: float | None
+    tol: float | None = Field(description="The tol the job used (chosen by a target search).")
+    seed: int
+    status: str
+    phase: str
+    progress: float
+    error: str | None
+    units_removed_fraction: float | None
+    params_before: int | None
+    params_after: int | None
+    macs_before: int | None
+    macs_after: int | None
+    accuracy_dense: float | None
+    accuracy_pruned: float | None = Field(description="After removal, before the refit.")
+    accuracy_refit: float | None = Field(description="After the least-squares refit.")
+    accuracy_retrained: float | None
+
+
+class SweepOut(BaseModel):
+    id: str
+    owner_id: str
+    name: str
+    model_id: str | None
+    dataset_id: str | None
+    spec: dict[str, Any]
+    created_at: datetime
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="running while any job is queued or running; then succeeded if every job "
+        "succeeded, else failed (or cancelled if every job was cancelled)."
+    )
+    counts: dict[str, int] = Field(description="Jobs per status.")
+    rows: list[SweepRow]
+    plot_url: str = Field(description="The SVG plot: accuracy vs units removed, params, MACs.")

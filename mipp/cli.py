@@ -4,8 +4,9 @@
     mipp prune runs/lenet5 --dataset mnist --tol 0.1 --retrain-epochs 1 --out runs/lenet5-mipp
     mipp evaluate runs/lenet5-mipp --dataset mnist
 
-Subcommands outside the engine (`serve`, `admin`) register through the entry-point group
-`mipp.commands`: each entry is a function `register(subparsers)`.
+The service's client commands (`login`, `models`, `datasets`, `jobs`, `sweeps`; mipp.client)
+are torch-free. Subcommands outside the engine (`serve`, `admin`) register through the
+entry-point group `mipp.commands`: each entry is a function `register(subparsers)`.
 """
 
 from __future__ import annotations
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", parents=[common], help="test accuracy of a model directory")
     p.add_argument("model_dir")
     p.set_defaults(func=cmd_evaluate)
+
+    # The service's client (login, models, datasets, jobs, sweeps): torch-free, httpx only.
+    from mipp.client_commands import register as register_client_commands
+    register_client_commands(sub)
 
     for entry in entry_points(group="mipp.commands"):
         try:

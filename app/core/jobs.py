@@ -27,7 +27,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
-from app.models import Artifact, Dataset, Job, JobLayer, JobStatus, ModelFile, User, utcnow
+from app.models import (
+    Artifact,
+    Dataset,
+    Job,
+    JobLayer,
+    JobLogLine,
+    JobStatus,
+    ModelFile,
+    Sweep,
+    User,
+    utcnow,
+)
 
 log = logging.getLogger("mipp.jobs")
 
@@ -132,16 +143,7 @@ def submit_job(session: Session, queue, settings, user: User, request: JobReques
     The row is committed before the send; if the broker is unreachable the job stays
     `queued` with no `enqueued_at` and the maintenance loop sends it once the broker answers.
     """
-    queue_name = request.queue or settings.default_queue
-    if queue_name not in settings.all_queues:
-        raise InvalidRequest(
-            f"queue {queue_name!r} does not exist; choose one of {', '.join(settings.all_queues)}"
-        )
-    time_limit = request.time_limit_s or settings.job_time_limit_s
-    if time_limit > settings.job_time_limit_s:
-        raise InvalidRequest(
-            f"time_limit_s {time_limit} is above the server's limit of {settings.job_time_limit_s}"
-        )
+    queue_name, time_limit = _queue_and_limit(settings, request.queue, request.time_limit_s)
     try:
         lock_row(session, User, user.id)
         existing = _job_for_key(session, user, request, queue_name, time_limit)
@@ -155,14 +157,7 @@ def submit_job(session: Session, queue, settings, user: User, request: JobReques
         model = _owned(session, ModelFile, request.model_id, user, "model")
         dataset = _owned(session, Dataset, request.dataset_id, user, "dataset")
         check_compatible(model, dataset)
-        active = session.scalar(
-            select(func.count()).where(Job.owner_id == user.id, Job.status.in_(JobStatus.ACTIVE))
-        )
-        if active >= settings.max_active_jobs_per_user:
-            raise QuotaExceeded(
-                f"you have {active} queued or running jobs (limit "
-                f"{settings.max_active_jobs_per_user}); wait for some to finish or cancel them"
-            )
+        _check_active_limit(session, user, settings, adding=1)
         job = Job(
             owner_id=user.id,
             model_id=model.id,
@@ -189,6 +184,82 @@ def submit_job(session: Session, queue, settings, user: User, request: JobReques
         raise
     send_job(session, queue, job)
     return job, True
+
+
+def _queue_and_limit(settings, queue: str | None, time_limit_s: int | None) -> tuple[str, int]:
+    """A submit's queue and soft time limit, checked against the server's."""
+    queue_name = queue or settings.default_queue
+    if queue_name not in settings.all_queues:
+        raise InvalidRequest(
+            f"queue {queue_name!r} does not exist; choose one of {', '.join(settings.all_queues)}"
+        )
+    time_limit = time_limit_s or settings.job_time_limit_s
+    if time_limit > settings.job_time_limit_s:
+        raise InvalidRequest(
+            f"time_limit_s {time_limit} is above the server's limit of {settings.job_time_limit_s}"
+        )
+    return queue_name, time_limit
+
+
+def _check_active_limit(session: Session, user: User, settings, adding: int) -> None:
+    """429 when `adding` more jobs would put the user above the queued + running limit
+    (the caller holds the user's row lock)."""
+    active = session.scalar(
+        select(func.count()).where(Job.owner_id == user.id, Job.status.in_(JobStatus.ACTIVE))
+    )
+    if active + adding > settings.max_active_jobs_per_user:
+        more = f" and this submits {adding}" if adding > 1 else ""
+        raise QuotaExceeded(
+            f"you have {active} queued or running jobs{more} (limit "
+            f"{settings.max_active_jobs_per_user}); wait for some to finish or cancel them"
+        )
+
+
+def submit_sweep(session: Session, queue, settings, user: User, *, model_id: str,
+                 dataset_id: str, configs: list[dict[str, Any]], queue_name: str | None,
+                 time_limit_s: int | None, name: str, spec: dict[str, Any]) -> Sweep:
+    """Write a sweep and one queued job per config in one transaction, then send them.
+
+    Locks and checks as `submit_job` does, with room for every job under the active-jobs
+    limit. A job whose send fails stays queued without `enqueued_at`; the maintenance loop
+    sends it once the broker answers."""
+    queue_name, time_limit = _queue_and_limit(settings, queue_name, time_limit_s)
+    try:
+        lock_row(session, User, user.id)
+        if not lock_row(session, ModelFile, model_id, shared=True):
+            raise NotFound(f"model {model_id!r} not found")
+        if not lock_row(session, Dataset, dataset_id, shared=True):
+            raise NotFound(f"dataset {dataset_id!r} not found")
+        model = _owned(session, ModelFile, model_id, user, "model")
+        dataset = _owned(session, Dataset, dataset_id, user, "dataset")
+        check_compatible(model, dataset)
+        _check_active_limit(session, user, settings, adding=len(configs))
+        sweep = Sweep(owner_id=user.id, model_id=model.id, dataset_id=dataset.id,
+                      name=name, spec=spec)
+        session.add(sweep)
+        session.flush()
+        children = [
+            Job(owner_id=user.id, model_id=model.id, dataset_id=dataset.id, sweep_id=sweep.id,
+                config=config, queue=queue_name, time_limit_s=time_limit,
+                status=JobStatus.QUEUED, phase=JobStatus.QUEUED, message="waiting for a worker")
+            for config in configs
+        ]
+        session.add_all(children)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    for job in children:
+        if not send_job(session, queue, job):
+            break  # the broker is down; the maintenance loop sends the rest
+    session.refresh(sweep)
+    return sweep
+
+
+def append_log(session: Session, job_id: str, attempt: int, lines: list[str]) -> None:
+    """Add lines to a job's live log (GET /jobs/{id}/log reads them while it runs)."""
+    session.add_all(JobLogLine(job_id=job_id, attempt=attempt, line=line) for line in lines)
+    session.commit()
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +404,13 @@ def record_progress(session: Session, job_id: str, attempt: int, **values: Any) 
     return bool(changed), bool(cancel)
 
 
+def chosen_tol(layers: list[dict[str, Any]]) -> float | None:
+    """The tol the selection used (one for every layer: the searched or configured one);
+    None for methods without a tol."""
+    tols = {layer["tol"] for layer in layers if layer.get("tol") is not None}
+    return float(tols.pop()) if len(tols) == 1 else None
+
+
 def finish_attempt(
     session: Session,
     job_id: str,
@@ -354,10 +432,16 @@ def finish_attempt(
         error=error, message=message,
     )
     if status == JobStatus.SUCCEEDED:
-        values["progress"] = 1.0
+        values.update(progress=1.0, phase_progress=1.0)
+    values["eta_s"] = None
     if outputs is not None:
         values["metrics"] = outputs["metrics"]
         values["masks"] = outputs["masks"]
+        values["tol"] = chosen_tol(outputs["layers"])
+        values["layer_units"] = {
+            layer["name"]: {"before": layer["units_before"], "after": layer["units_after"]}
+            for layer in outputs["layers"]
+        }
     changed = session.execute(
         update(Job).where(*_attempt_guard(job_id, attempt)).values(**values)
         .execution_options(synchronize_session=False)

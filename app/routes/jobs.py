@@ -5,9 +5,11 @@ HTTP only: every state change of a job is a call into app.core.jobs.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
@@ -15,7 +17,7 @@ from app.core import jobs
 from app.core.jobs import JobRequest
 from app.deps import CurrentUser, OwnedJob, QueueDep, SessionDep, SettingsDep, StoreDep, visible
 from app.errors import InvalidRequest, NotFound
-from app.models import Job, JobStatus
+from app.models import Job, JobLogLine, JobStatus
 from app.routes.common import Limit, Offset, check_text, page
 from app.schemas import ArtifactOut, JobIn, JobOut, LayerOut, Page
 
@@ -51,6 +53,7 @@ def list_jobs(
     user: CurrentUser,
     session: SessionDep,
     status: Annotated[list[str] | None, Query(description="Filter; repeat for several.")] = None,
+    sweep_id: Annotated[str | None, Query(description="Only the jobs of this sweep.")] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ):
@@ -62,6 +65,8 @@ def list_jobs(
                 f"unknown status {', '.join(unknown)}; choose from {', '.join(JobStatus.ALL)}"
             )
         stmt = stmt.where(Job.status.in_(status))
+    if sweep_id:
+        stmt = stmt.where(Job.sweep_id == sweep_id)
     items, total = page(session, stmt, Job.created_at.desc(), limit, offset)
     return Page[JobOut](items=items, total=total, limit=limit, offset=offset)
 
@@ -120,3 +125,53 @@ def download_artifact(job: OwnedJob, name: str, store: StoreDep, settings: Setti
         media_type=artifact.content_type,
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+LOG_POLL_S = 0.5
+LOG_BATCH = 1000
+
+
+def _log_lines_after(sessionmaker, job_id: str, last_id: int) -> tuple[str | None, list]:
+    """The job's status, then its log lines with id > last_id. Status first: once it reads
+    final, every line the worker wrote before finishing is already committed."""
+    with sessionmaker() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        lines = session.execute(
+            select(JobLogLine.id, JobLogLine.line)
+            .where(JobLogLine.job_id == job_id, JobLogLine.id > last_id)
+            .order_by(JobLogLine.id)
+            .limit(LOG_BATCH)
+        ).all()
+    return status, lines
+
+
+@router.get(
+    "/{job_id}/log",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "The log, one line each."}},
+)
+async def job_log(
+    job: OwnedJob,
+    request: Request,
+    follow: Annotated[bool, Query(description="Keep the response open and send lines as the "
+                                              "worker writes them, until the job ends.")] = False,
+):
+    """The job's log as plain text: what the worker has written so far (all of it once the job
+    has ended; also kept as the artifact log.txt). With follow=true, a chunked stream."""
+    sessionmaker, job_id = request.app.state.sessionmaker, job.id
+
+    async def lines():
+        last_id = 0
+        while True:
+            status, batch = await run_in_threadpool(_log_lines_after, sessionmaker, job_id, last_id)
+            if batch:
+                last_id = batch[-1][0]
+                yield "".join(f"{line}\n" for _, line in batch)
+            if len(batch) == LOG_BATCH:
+                continue
+            if not follow or status is None or status in JobStatus.FINAL:
+                return
+            await asyncio.sleep(LOG_POLL_S)
+
+    return StreamingResponse(lines(), media_type="text/plain; charset=utf-8",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
