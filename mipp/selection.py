@@ -14,6 +14,7 @@ per-layer choice.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from mipp.errors import ConfigError
 from mipp.groups import UnitGroup
 from mipp.progress import Phase, ProgressCallback, no_progress
 from mipp.terc import LayerDecision, terc_select
+
+log = logging.getLogger("mipp.selection")
 
 
 @dataclass
@@ -98,8 +101,10 @@ def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
     owner = {member: g.name for g in ctx.groups for member in g.members}
     decided: dict[str, LayerDecision] = {}
     total = sum(g.size for g in ctx.groups)
+    size = {g.name: g.size for g in ctx.groups}
     done = 0
     for index, group in enumerate(reversed(ctx.groups)):
+        removed = sum(size[name] - len(d.kept) for name, d in decided.items())
         targets = []
         for next_name in dict.fromkeys(owner.get(c) for c in group.consumers):
             if next_name is None or next_name == group.name:
@@ -110,8 +115,10 @@ def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
         y = torch.cat(targets, dim=1) if targets else logits
         x = acts[group.name].to(ctx.device)
 
-        def layer_progress(fraction: float, message: str, group=group, done=done) -> None:
-            report((done + fraction * group.size) / total, f"{group.name}: {message}")
+        def layer_progress(fraction: float, message: str, group=group, done=done,
+                           removed=removed) -> None:
+            report((done + fraction * group.size) / total,
+                   f"{group.name}: {message}; {removed} units removed so far")
         decided[group.name] = terc_select(x, y.to(ctx.device), config, seed=config.seed + index,
                                           progress=layer_progress)
         done += group.size
@@ -139,11 +146,18 @@ def select_mipp(ctx: SelectionContext) -> Selection:
     tol = config.tol if config.tol > 0 else 0.05
     max_sweeps = 6
     for sweep in range(max_sweeps):
+        # "sweep i/n" and the tol tried lead every message, so a progress bar or a job log
+        # shows where the search is (n is the most sweeps it may take).
         def report(f, m, sweep=sweep, tol=tol):
-            ctx.progress(Phase.SELECTING, (sweep + f) / max_sweeps, f"tol={tol:.3g} {m}")
+            ctx.progress(Phase.SELECTING, (sweep + f) / max_sweeps,
+                         f"sweep {sweep + 1}/{max_sweeps} tol={tol:.3g}: {m}")
         decisions = _mipp_pass(ctx, acts, logits, config.model_copy(update={"tol": tol}), report)
         fraction = removed_fraction(ctx.groups, {n: d.kept for n, d in decisions.items()})
         tried.append((tol, fraction, decisions))
+        summary = (f"sweep {sweep + 1}/{max_sweeps} tol={tol:.3g}: removes {fraction:.1%} of "
+                   f"units (target {config.target:.1%} +- 2%)")
+        log.info("target search %s", summary)  # a milestone for the job's log
+        ctx.progress(Phase.SELECTING, (sweep + 1) / max_sweeps, summary)
         if abs(fraction - config.target) <= 0.02:
             break
         if fraction < config.target:
@@ -152,7 +166,9 @@ def select_mipp(ctx: SelectionContext) -> Selection:
         else:
             high = tol
             tol = tol / 4 if low is None else math.sqrt(low * tol)
-    tol, _, decisions = min(tried, key=lambda t: abs(t[1] - config.target))
+    tol, fraction, decisions = min(tried, key=lambda t: abs(t[1] - config.target))
+    log.info("target search chose tol=%.3g after %d sweeps: removes %.1f%% of units",
+             tol, len(tried), 100 * fraction)
     return _selection(decisions, tol)
 
 

@@ -35,6 +35,7 @@ from app.db import make_engine, make_sessionmaker
 from app.models import Artifact, Dataset, Job, JobStatus, ModelFile
 from app.settings import Settings
 from app.storage import StoreError, attempt_prefix, make_store
+from worker.live import JobProgress, LogLineBuffer, format_eta
 
 log = logging.getLogger("mipp.worker")
 
@@ -44,22 +45,32 @@ class JobCancelled(Exception):
 
 
 class Reporter:
-    """The engine's progress callback: writes phase/progress (throttled) and a heartbeat, and
-    stops the run (mipp.errors.Cancelled) once the row's cancel flag is set."""
+    """The engine's progress callback: writes phase, progress over the whole job, progress
+    and ETA within the phase (throttled) and a heartbeat; logs a line at each phase change,
+    each tenth of a phase (unless the last line is under 2 s old) and at least every
+    `LOG_EVERY_S`; flushes the job's log lines to the database as it goes; stops the run
+    (mipp.errors.Cancelled) once the row's cancel flag is set."""
 
-    def __init__(self, sessionmaker, job_id: str, attempt: int, settings: Settings,
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, sessionmaker, job: Job, settings: Settings,
                  keep_log: Callable[[], None] | None = None):
         self.sessionmaker = sessionmaker
-        self.job_id, self.attempt = job_id, attempt
+        self.job_id, self.attempt = job.id, job.attempt
         self.interval = settings.progress_interval_s
         self.heartbeat_interval = settings.heartbeat_interval_s
         self.keep_log = keep_log  # stores the log so far: a killed attempt's log survives it
+        self.progress = JobProgress(job.config or {})
+        self.log_lines = LogLineBuffer()  # the live copy of the log, for GET /jobs/{id}/log
         self.cancelled = threading.Event()
         self.lost = threading.Event()  # the row is no longer ours (sweeper re-queued/failed it)
         self._stop = threading.Event()
         self._last_write = 0.0
         self._phase: str | None = None
-        self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
+        self._logged_step, self._logged_at = -1, 0.0
+        self._flush_lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._heartbeat_loop, daemon=True),
+                         threading.Thread(target=self._log_loop, daemon=True)]
 
     def _write(self, **values: Any) -> None:
         with self.sessionmaker() as session:
@@ -81,27 +92,58 @@ class Reporter:
                 except Exception:  # noqa: BLE001 - the final upload retries
                     log.warning("could not store the log so far", exc_info=True)
 
+    def flush_log(self) -> None:
+        """Write the log lines gathered so far to the database."""
+        with self._flush_lock:  # one writer at a time keeps the lines in order
+            lines = self.log_lines.take()
+            if lines:
+                with self.sessionmaker() as session:
+                    jobs.append_log(session, self.job_id, self.attempt, lines)
+
+    def _log_loop(self) -> None:
+        while not self._stop.wait(min(self.interval, 1.0)):
+            try:
+                self.flush_log()
+            except Exception:  # noqa: BLE001 - the lines stay in log.txt; the run goes on
+                log.warning("log flush failed", exc_info=True)
+
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)  # no log upload may follow the final one
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=30)  # no log upload may follow the final one
 
     def check(self) -> None:
         if self.cancelled.is_set() or self.lost.is_set():
             raise JobCancelled()
 
+    def _log_progress(self, phase: str, fraction: float, message: str, eta: float | None) -> None:
+        now = time.monotonic()
+        step = int(fraction * 10)  # a line per tenth of a phase, not per report
+        if phase != self._phase:
+            log.info("phase %s: %s", phase, message)
+        elif (step > self._logged_step and (now - self._logged_at >= 2.0 or fraction >= 1.0)) \
+                or now - self._logged_at >= self.LOG_EVERY_S:
+            left = f", ~{format_eta(eta)} left in phase" if eta is not None else ""
+            log.info("%s %3.0f%%%s: %s", phase, 100 * fraction, left, message)
+        else:
+            return
+        self._logged_step, self._logged_at = step, now
+
     def __call__(self, phase: str, fraction: float, message: str = "") -> None:
         now = time.monotonic()
+        fraction = float(min(max(fraction, 0.0), 1.0))
+        overall, eta = self.progress.update(phase, fraction)
+        self._log_progress(phase, fraction, message, eta)
         if phase != self._phase or now - self._last_write >= self.interval or fraction >= 1.0:
-            if phase != self._phase:
-                log.info("phase %s: %s", phase, message)
             self._phase = phase
             self._last_write = now
             try:
-                self._write(phase=phase, progress=float(min(max(fraction, 0.0), 1.0)),
+                self._write(phase=phase, progress=overall, phase_progress=fraction, eta_s=eta,
                             message=message[:500])
             except Exception:  # noqa: BLE001 - progress is best effort; the run goes on
                 log.warning("progress write failed", exc_info=True)
@@ -161,12 +203,13 @@ class JobRun:
         self.prefix = attempt_prefix(job.owner_id, job.id, job.attempt)
         self.log_path = log_path
         self._log_size_stored = -1
-        self.reporter = Reporter(sessionmaker, job.id, job.attempt, settings, keep_log=self.keep_log)
+        self.reporter = Reporter(sessionmaker, job, settings, keep_log=self.keep_log)
         self.artifacts: list[Artifact] = []
 
     def upload(self, path: Path, name: str) -> None:
         """Store an output under this attempt's prefix; it becomes the job's at the final write."""
         self.artifacts.append(store_artifact(self.store, self.job.id, f"{self.prefix}/{name}", path, name))
+        log.info("stored %s (%d bytes)", name, path.stat().st_size)
 
     def keep_log(self) -> None:
         """Store the log so far under this attempt's prefix (when it grew)."""
@@ -220,6 +263,11 @@ class JobRun:
             data_row = session.get(Dataset, job.dataset_id) if job.dataset_id else None
         if model_row is None or data_row is None:
             raise ModelError("the job's model or dataset was deleted before the job started")
+        log.info("model %s: %s %s (%s, %d bytes)", model_row.id, model_row.arch,
+                 json.dumps(model_row.arch_config or {}), model_row.format, model_row.size_bytes)
+        log.info("dataset %s: %s", data_row.id,
+                 data_row.builtin_name if data_row.kind == "builtin" else
+                 f"{data_row.name} ({data_row.size_bytes} bytes) {json.dumps(data_row.summary)}")
 
         weights = work / ("weights.safetensors" if model_row.format == "safetensors" else "weights.pt")
         self.store.get_file(model_row.store_key, weights)
@@ -243,6 +291,8 @@ class JobRun:
             data = load_dataset(
                 data_row.builtin_name, datasets_dir if datasets_dir and datasets_dir.exists() else None
             )
+        log.info("data: %d training and %d test samples of shape %s, %d classes",
+                 len(data.x_train), len(data.x_test), tuple(data.input_shape), data.num_classes)
         reporter("loading", 0.5, "building the model")
         spec = ModelSpec(
             arch=model_row.arch,
@@ -256,8 +306,23 @@ class JobRun:
         if config.device == "auto" and self.settings.worker_device != "auto":
             config = config.model_copy(update={"device": self.settings.worker_device})
         reporter("loading", 1.0, f"{spec.arch} on {config.device}")
+        knob = (f"target {config.target:.1%} of units (tol searched from {config.tol:g})"
+                if config.target is not None else f"tol {config.tol:g}")
+        log.info("pruning with %s: %s, confidence %g, refit %s, retrain %d epochs, "
+                 "%d calibration samples, seed %d, device %s", config.method, knob,
+                 config.confidence, config.refit, config.retrain.epochs,
+                 config.calibration_samples, config.seed, config.device)
 
         result = mipp.prune(model, data, config, spec=spec, progress=reporter)
+
+        from mipp.cli import format_report
+
+        tol = jobs.chosen_tol(result.layers)
+        if tol is not None:
+            log.info("tol used: %g", tol)
+        for line in format_report(result.layers, result.metrics).splitlines():
+            if line.strip():
+                log.info("%s", line)
 
         reporter.check()
         reporter("uploading", 0.0, "storing the pruned model")
@@ -356,11 +421,14 @@ def _run_claimed(job: Job, settings: Settings, sessionmaker) -> str:
         log_path = work / LOG_NAME
         run = JobRun(job, settings, sessionmaker, make_store(settings), log_path)
         handler = logging.FileHandler(log_path)
+        handler.setLevel(logging.INFO)  # the same lines as the database copy (LogLineBuffer)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
+        root.addHandler(run.reporter.log_lines)
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
-        log.info("job %s: attempt %d on %s (pid %d)", job.id, job.attempt, job.worker, os.getpid())
+        log.info("job %s: attempt %d on %s (pid %d, queue %s, time limit %d s)", job.id,
+                 job.attempt, job.worker, os.getpid(), job.queue, job.time_limit_s)
         run.reporter.start()
         outcome, error, outputs, message = JobStatus.FAILED, None, None, ""
         try:
@@ -378,9 +446,16 @@ def _run_claimed(job: Job, settings: Settings, sessionmaker) -> str:
                 error = _failure_reason(exc, job)
                 log.error("job %s failed: %s\n%s", job.id, error, traceback.format_exc())
         finally:
+            if outcome == JobStatus.SUCCEEDED:
+                log.info("job %s succeeded", job.id)
             run.reporter.stop()
             root.removeHandler(handler)
+            root.removeHandler(run.reporter.log_lines)
             handler.close()
+            try:
+                run.reporter.flush_log()  # every line is in the database before the final state
+            except Exception:  # noqa: BLE001 - log.txt still has them
+                log.warning("could not store the last log lines", exc_info=True)
         if run.reporter.lost.is_set():
             log.warning("job %s: attempt %d lost the row (the sweeper gave it away)", job.id, job.attempt)
         try:

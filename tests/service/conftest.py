@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -146,9 +147,24 @@ class Service:
     worker_log: Path
     worker: subprocess.Popen | None = None
     users: dict[str, str] = field(default_factory=dict)
+    live: LiveServer | None = None
 
     def headers(self, user: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.users[user]}"}
+
+    def api(self, user: str):
+        """The project's own client (mipp.client), sending through the in-process app."""
+        from mipp.client import Client
+
+        return Client("http://testserver", self.users[user], http=self.client)
+
+    @property
+    def url(self) -> str:
+        """The same app served over real HTTP (uvicorn on 127.0.0.1, a free port), started
+        on first use: for streaming and for clients in other processes."""
+        if self.live is None:
+            self.live = LiveServer(self.app)
+        return self.live.url
 
     def add_user(self, name: str, admin: bool = False) -> dict[str, str]:
         from app.db import session_scope
@@ -190,32 +206,18 @@ class Service:
     # -- API helpers --------------------------------------------------------------------
 
     def upload_model(self, user: str, weights: Path, **form) -> dict:
-        data = {"arch": "mlp", "format": "safetensors", "config": json.dumps({"widths": [64, 32, 16]}),
-                "input_shape": "[64]", "num_classes": "10", **form}
-        with open(weights, "rb") as fh:
-            r = self.client.post("/api/v1/models", headers=self.headers(user), data=data,
-                                 files={"file": (weights.name, fh)})
-        assert r.status_code == 201, r.text
-        return r.json()
+        fields = {"arch": "mlp", "format": "safetensors", "config": {"widths": [64, 32, 16]},
+                  "input_shape": [64], "num_classes": 10, **form}
+        return self.api(user).upload_model(weights, **fields)
 
     def upload_dataset(self, user: str, npz: Path) -> dict:
-        with open(npz, "rb") as fh:
-            r = self.client.post("/api/v1/datasets", headers=self.headers(user),
-                                 files={"file": (npz.name, fh)})
-        assert r.status_code == 201, r.text
-        return r.json()
+        return self.api(user).upload_dataset(npz)
 
     def submit(self, user: str, model_id: str, dataset_id: str, config: dict, **extra) -> dict:
-        r = self.client.post("/api/v1/jobs", headers=self.headers(user),
-                             json={"model_id": model_id, "dataset_id": dataset_id,
-                                   "config": config, **extra})
-        assert r.status_code == 201, r.text
-        return r.json()
+        return self.api(user).submit_job(model_id, dataset_id, config, **extra)
 
     def job(self, user: str, job_id: str) -> dict:
-        r = self.client.get(f"/api/v1/jobs/{job_id}", headers=self.headers(user))
-        assert r.status_code == 200, r.text
-        return r.json()
+        return self.api(user).job(job_id)
 
     def wait(self, user: str, job_id: str, until=("succeeded", "failed", "cancelled"),
              timeout: float = 180, seen: list | None = None) -> dict:
@@ -245,6 +247,31 @@ class Service:
         with self.app.state.sessionmaker() as session:
             return {cls.__name__: session.scalar(select(func.count()).select_from(cls))
                     for cls in (ModelFile, Dataset, Job, Artifact)}
+
+
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1 (a free port) in a thread of this process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        # lifespan off: the app's engine and sweeper belong to the in-process TestClient.
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       name="mipp-test-uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start in 20 s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
 
 
 def _make_service(name: str, env: dict[str, str], tmp: Path, start_worker: bool = True):
@@ -306,6 +333,8 @@ def team_service(pg_url, redis_url, s3_endpoint, tmp_path_factory):
     service = _make_service("team", env, tmp)
     yield service
     service.stop_worker()
+    if service.live is not None:
+        service.live.stop()
     service.client.__exit__(None, None, None)
 
 
@@ -316,6 +345,8 @@ def embedded_service(tmp_path_factory):
     service = _make_service("embedded", _common_env(tmp, f"gpu-emb-{RUN_ID}"), tmp)
     yield service
     service.stop_worker()
+    if service.live is not None:
+        service.live.stop()
     service.client.__exit__(None, None, None)
 
 
