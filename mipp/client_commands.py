@@ -36,8 +36,12 @@ def _handles_service_errors(fn):
 
     @functools.wraps(fn)
     def run(args) -> int:
-        from mipp.client import ServiceError
-
+        try:
+            from mipp.client import ServiceError
+        except ImportError as exc:
+            print(f"error: the client needs httpx ({exc}); pip install 'mipp[client]'",
+                  file=sys.stderr)
+            return 2
         try:
             return fn(args)
         except ServiceError as exc:
