@@ -90,7 +90,7 @@ class LogLineBuffer(logging.Handler):
             self.handleError(record)
             return
         with self._lock_lines:
-            for line in text.splitlines() or [""]:
+            for line in text.split("\n"):  # exactly the lines log.txt gets
                 if self._kept < self.max_lines:
                     self._lines.append(line)
                 elif self._kept == self.max_lines:

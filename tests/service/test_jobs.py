@@ -3,13 +3,11 @@ delivery, the sweeper. Each runs against the team setup and the embedded default
 
 from __future__ import annotations
 
-import io
+import json
 import os
-import tarfile
 import time
 from datetime import timedelta
 
-import httpx
 import pytest
 from sqlalchemy import update
 
@@ -27,14 +25,6 @@ FAST_MIPP = {
 QUICK_RANDOM = {"method": "random", "target": 0.5, "retrain": {"epochs": 1}, "device": DEVICE}
 LONG_RANDOM = {"method": "random", "target": 0.5, "retrain": {"epochs": 5000, "batch_size": 16},
                "device": DEVICE}
-
-
-def _download(service, user: str, url: str) -> bytes:
-    r = service.client.get(url, headers=service.headers(user), follow_redirects=False)
-    if r.status_code == 307:  # S3: a short-lived presigned URL on the store itself
-        r = httpx.get(r.headers["location"], timeout=30)
-    assert r.status_code == 200, r.text
-    return r.content
 
 
 @pytest.fixture
@@ -62,26 +52,28 @@ def test_end_to_end_digits(service, digits_files, inputs, tmp_path):
 
     metrics = done["metrics"]
     assert metrics["params"]["after"] < metrics["params"]["before"]
-    layers = service.client.get(f"/api/v1/jobs/{job['id']}/layers",
-                                headers=service.headers("owner")).json()
+    api = service.api("owner")  # the project's client, through the in-process app
+    layers = api.layers(job["id"])
     assert [layer["name"] for layer in layers] == ["fc1", "fc2", "fc3"]
     assert all(layer["units_after"] <= layer["units_before"] for layer in layers)
     assert "mi_estimate" in layers[0]["details"]
+    # The tol and the units per layer are fields of the job itself.
+    assert done["tol"] == pytest.approx(0.05) and done["phase_progress"] == 1.0
+    assert done["layer_units"] == {layer["name"]: {"before": layer["units_before"],
+                                                   "after": layer["units_after"]}
+                                   for layer in layers}
 
-    artifacts = service.client.get(f"/api/v1/jobs/{job['id']}/artifacts",
-                                   headers=service.headers("owner")).json()
-    names = {a["name"] for a in artifacts}
+    names = {a["name"] for a in api.artifacts(job["id"])}
     assert {"model.tar.gz", "masks.json", "metrics.json", "log.txt"} <= names
-    archive = _download(service, "owner", next(a["url"] for a in artifacts if a["name"] == "model.tar.gz"))
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(tmp_path, filter="data")
+    model_dir = api.download_model(job["id"], tmp_path)  # follows S3's presigned 307 itself
+    assert model_dir == tmp_path / "model"
 
     import mipp
     from mipp.artifacts import load_model_dir
     from mipp.data import load_npz
     from mipp.groups import count_params
 
-    pruned = load_model_dir(tmp_path / "model")
+    pruned = load_model_dir(model_dir)
     assert count_params(pruned) == metrics["params"]["after"]
     data = load_npz(digits_files["npz"])
     accuracy = mipp.evaluate(pruned, data.x_test, data.y_test, device="cpu")["accuracy"]
@@ -89,8 +81,8 @@ def test_end_to_end_digits(service, digits_files, inputs, tmp_path):
     tolerance = 1e-6 if DEVICE == "cpu" else 1.5 / len(data.y_test)
     assert accuracy == pytest.approx(metrics["accuracy"]["retrained"], abs=tolerance)
     assert metrics["device"].startswith(DEVICE)
-    masks = _download(service, "owner", f"/api/v1/jobs/{job['id']}/artifacts/masks.json")
-    assert set(httpx.Response(200, content=masks).json()) == {"fc1", "fc2", "fc3"}
+    masks = api.download(job["id"], "masks.json", tmp_path / "masks.json")
+    assert set(json.loads(masks.read_text())) == {"fc1", "fc2", "fc3"}
     print(f"\n[{service.name}] end-to-end digits job: {wall:.1f} s wall")
 
 
@@ -139,7 +131,7 @@ def test_time_limit_fails_with_reason(service, inputs):
     assert ended["error"].startswith("time limit") and "time_limit_s" in ended["error"]
 
 
-def test_engine_error_is_an_actionable_failure(service, digits_files):
+def test_engine_error_is_an_actionable_failure(service, digits_files, tmp_path):
     service.add_user("mismatch")
     # Weights of a 64-32-16 MLP declared as a 64-64 MLP: the engine names the mismatch.
     model = service.upload_model("mismatch", digits_files["weights"],
@@ -149,8 +141,11 @@ def test_engine_error_is_an_actionable_failure(service, digits_files):
     ended = service.wait("mismatch", job["id"])
     assert ended["status"] == "failed"
     assert "internal error" not in ended["error"] and "fc2" in ended["error"], ended["error"]
-    log = _download(service, "mismatch", f"/api/v1/jobs/{job['id']}/artifacts/log.txt")
-    assert b"failed" in log
+    api = service.api("mismatch")
+    log = api.log(job["id"])  # the live copy, complete once the job ended
+    assert "failed" in log and "fc2" in log
+    stored = api.download(job["id"], "log.txt", tmp_path / "log.txt").read_text()
+    assert stored.splitlines() == log.splitlines()  # and the artifact, line for line
 
 
 def test_sweeper_requeues_a_job_whose_worker_died(service, inputs):
