@@ -322,6 +322,10 @@ class Client:
     def list_sweeps(self, **params: Any) -> dict:
         return self._json("GET", "/sweeps", params=params)
 
+    def cancel_sweep(self, sweep_id: str) -> dict:
+        """Cancel every job of the sweep that has not ended."""
+        return self._json("POST", f"/sweeps/{sweep_id}/cancel")
+
     def sweep_plot(self, sweep_id: str, dest: str | os.PathLike) -> Path:
         """The sweep's accuracy-vs-size plot as SVG, written to `dest`."""
         dest = Path(dest)

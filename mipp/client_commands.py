@@ -412,6 +412,15 @@ def cmd_sweeps_show(args) -> int:
     return 0
 
 
+@_handles_service_errors
+def cmd_sweeps_cancel(args) -> int:
+    with _client(args) as api:
+        sweep = api.cancel_sweep(args.sweep_id)
+    print(f"sweep {sweep['id']}: {sweep['status']} "
+          f"({', '.join(f'{v} {k}' for k, v in sweep['counts'].items() if v)})")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # the parser
 
@@ -541,6 +550,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll", type=float, default=2.0)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_sweeps_show)
+    p = sweeps.add_parser("cancel", parents=[remote], help="cancel every job of the sweep not ended")
+    p.add_argument("sweep_id")
+    p.set_defaults(func=cmd_sweeps_cancel)
 
 
 def _add_paging(p: argparse.ArgumentParser) -> None:

@@ -494,6 +494,20 @@ def request_cancel(session: Session, job: Job) -> str:
     return job.status
 
 
+def cancel_sweep(session: Session, sweep: Sweep) -> int:
+    """Cancel every job of a sweep that has not ended; returns how many were asked to stop."""
+    asked = 0
+    for job in list(sweep.jobs):
+        session.refresh(job)
+        if job.status in JobStatus.ACTIVE:
+            try:
+                request_cancel(session, job)
+                asked += 1
+            except Conflict:  # it ended meanwhile
+                pass
+    return asked
+
+
 # --------------------------------------------------------------------------------------------
 # Dead attempts: the sweeper (stale heartbeat) and orphan recovery (dead job process)
 

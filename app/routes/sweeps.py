@@ -131,6 +131,14 @@ def get_sweep(sweep: OwnedSweep, request: Request):
     return sweep_out(sweep, request)
 
 
+@router.post("/{sweep_id}/cancel", response_model=SweepOut)
+def cancel_sweep(sweep: OwnedSweep, session: SessionDep, request: Request):
+    """Cancel the sweep's queued jobs at once and flag its running ones; ended jobs stay."""
+    jobs.cancel_sweep(session, sweep)
+    session.refresh(sweep)
+    return sweep_out(sweep, request)
+
+
 @router.get(
     "/{sweep_id}/plot.svg",
     name="sweep_plot",

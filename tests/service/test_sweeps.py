@@ -86,3 +86,37 @@ def test_eta_once_it_can_be_estimated():
     _, eta = progress.update("selecting", 0.25)  # 10 s for a quarter: about 30 s to go
     assert eta == pytest.approx(30.0)
     assert progress.update("selecting", 1.0)[1] is None
+
+
+@pytest.mark.integration
+def test_a_sweep_is_its_owners_and_cancels_as_one(service, digits_files):
+    service.add_user("owner-s")
+    service.add_user("other-s")
+    api, other = service.api("owner-s"), service.api("other-s")
+    model = service.upload_model("owner-s", digits_files["weights"])
+    dataset = service.upload_dataset("owner-s", digits_files["npz"])
+    service.settings.queues = ("gpu-idle",)  # a queue no test worker consumes: jobs stay queued
+    try:
+        sweep = api.submit_sweep(model["id"], dataset["id"], tols=[0.01, 0.1], seeds=[0, 1],
+                                 queue="gpu-idle", name="tols x seeds")
+    finally:
+        service.settings.queues = ()
+    assert sweep["status"] == "queued" and sweep["counts"]["queued"] == 4
+    assert sorted((r["tol"], r["seed"]) for r in sweep["rows"]) == [
+        (0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)]
+    assert all(r["method"] == "mipp" and r["target"] is None for r in sweep["rows"])
+    for path in (f"/api/v1/sweeps/{sweep['id']}", f"/api/v1/sweeps/{sweep['id']}/plot.svg",
+                 f"/api/v1/jobs/{sweep['rows'][0]['job_id']}/log"):
+        r = service.client.get(path, headers=service.headers("other-s"))
+        assert r.status_code == 404, (path, r.text)
+    with pytest.raises(ServiceError) as caught:
+        other.cancel_sweep(sweep["id"])
+    assert caught.value.status == 404
+    assert other.list_sweeps()["total"] == 0 and api.list_sweeps()["total"] == 1
+    svg = service.client.get(sweep["plot_url"], headers=service.headers("owner-s"))
+    assert svg.headers["content-type"].startswith("image/svg+xml")
+    assert "no finished job yet" in svg.text
+    assert api.log(sweep["rows"][0]["job_id"]) == ""  # a queued job has written nothing yet
+
+    cancelled = api.cancel_sweep(sweep["id"])
+    assert cancelled["status"] == "cancelled" and cancelled["counts"]["cancelled"] == 4
