@@ -7,6 +7,7 @@ after the refit (dashed), after retraining (solid). Points of several seeds are 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from html import escape
 
@@ -25,10 +26,14 @@ PANEL_W, PANEL_H, MARGIN_L, MARGIN_T, GAP = 260, 220, 50, 36, 40
 
 
 def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    """Round tick values (1, 2, 2.5 or 5 x 10^k apart) inside [lo, hi], about n + 1 of them."""
     if hi <= lo:
         return [lo]
-    step = (hi - lo) / n
-    return [lo + i * step for i in range(n + 1)]
+    raw = (hi - lo) / n
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
 def _label(value: float, scale: str) -> str:

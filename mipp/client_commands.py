@@ -47,6 +47,9 @@ def _handles_service_errors(fn):
         except ServiceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # a local file to upload or a folder to write: name it
+            print(f"error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+            return 2
     return run
 
 
@@ -229,8 +232,10 @@ def format_job(job: dict, layers: list[dict] | None = None) -> str:
         lines.append(f"  removed {metrics['units']['removed_fraction']:.1%} of units; params "
                      f"{metrics['params']['before']:,} -> {metrics['params']['after']:,}; MACs "
                      f"{metrics['macs']['before']:,} -> {metrics['macs']['after']:,}")
+        labels = {"dense": "dense", "pruned_no_refit": "pruned", "pruned": "refit",
+                  "retrained": "retrained"}  # the engine's keys, named as `mipp prune` prints them
         lines.append("  accuracy " + " | ".join(
-            f"{k} {v:.4f}" for k, v in acc.items() if v is not None))
+            f"{labels.get(k, k)} {v:.4f}" for k, v in acc.items() if v is not None))
     return "\n".join(lines)
 
 
@@ -262,8 +267,8 @@ def _watch(api, job_id: str, args) -> int:
             bar("queued", 0.0, job["message"])
         elif job["status"] == "running":
             eta = job.get("eta_s")
-            suffix = f" (~{_duration(eta)} left)" if eta is not None else ""
-            bar(job["phase"], job.get("phase_progress", job["progress"]), job["message"] + suffix)
+            prefix = f"~{_duration(eta)} left | " if eta is not None else ""  # before the cut
+            bar(job["phase"], job.get("phase_progress", job["progress"]), prefix + job["message"])
     try:
         job = api.wait(job_id, progress=show, poll_s=args.poll)
     finally:
