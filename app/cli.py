@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--no-worker", action="store_true", help="start the API only")
+    serve.add_argument(
+        "--allow-code-uploads", action="store_true",
+        help="accept models as Python source (MIPP_ALLOW_CODE_UPLOADS=true): the code runs in "
+             "the worker's job process, so only for a server whose users you trust",
+    )
     serve.set_defaults(func=cmd_serve)
 
     admin = subparsers.add_parser("admin", help="service administration (users, API keys)")
@@ -154,6 +159,8 @@ def _stop(proc: subprocess.Popen, name: str, grace_s: float) -> None:
 
 
 def cmd_serve(args) -> int:
+    if args.allow_code_uploads:
+        os.environ["MIPP_ALLOW_CODE_UPLOADS"] = "true"  # read by the API and the worker
     settings = _settings(args)
     _migrate(settings)
     from app.queue import ensure_broker_dirs

@@ -104,14 +104,20 @@ class ApiKey(Base):
 
 
 class ModelFile(Base):
-    """An uploaded model: a zoo architecture + config, and its weights in the store."""
+    """An uploaded model and its weights in the store: kind "zoo" (a zoo `arch` + config) or
+    "code" (the team's own source at `code_store_key`, built by `factory(**factory_kwargs)`
+    in a worker's job process only)."""
 
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20), default="zoo", server_default="zoo")
     arch: Mapped[str] = mapped_column(String(100))
+    code_store_key: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    factory: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    factory_kwargs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     arch_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     input_shape: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
     num_classes: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -137,6 +143,9 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # How the engine prepares inputs: {"kind": "none" | "standardize"} or given
+    # {"kind": "given", "mean", "std", "scale"}; None on rows from before it was recorded.
+    preprocessing: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

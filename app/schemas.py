@@ -45,8 +45,11 @@ class ModelOut(BaseModel):
     id: str
     owner_id: str
     name: str
-    arch: str
+    kind: Literal["zoo", "code"] = "zoo"
+    arch: str = Field(description="The zoo architecture, or a code model's factory.")
     arch_config: dict[str, Any]
+    factory: str | None = None
+    factory_kwargs: dict[str, Any] | None = None
     input_shape: list[int] | None
     num_classes: int | None
     format: str
@@ -67,6 +70,10 @@ class DatasetOut(BaseModel):
     size_bytes: int
     sha256: str | None
     summary: dict[str, Any]
+    preprocessing: dict[str, Any] | None = Field(
+        None, description="How the engine prepares inputs: kind none | standardize | given "
+        "(with mean, std, scale). Recorded in every model a job writes."
+    )
     created_at: datetime
 
 

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     )
     datasets_dir: Path | None = Field(None, description="Where built-in datasets are read.")
     allow_unsafe_model_formats: bool = False
+    allow_code_uploads: bool = Field(
+        False, description="Accept models as Python source (run only in a worker's job "
+        "process). Off by default: models are programs; `mipp serve --allow-code-uploads`."
+    )
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:

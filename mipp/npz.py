@@ -1,7 +1,8 @@
 """Validation of uploaded .npz datasets, with numpy only (the API process imports this, not torch).
 
 An upload holds `x` (N, D), (N, H, W) or (N, C, H, W) and `y` (N,) integer labels, and
-optionally `x_test` and `y_test` of the same per-sample shape. Files are never unpickled
+optionally `x_test` and `y_test` of the same per-sample shape, and `class_names` (strings, one
+per class, at most MAX_CLASS_NAMES_BYTES). Files are never unpickled
 (object arrays are refused from their header). Other keys are ignored.
 
 Two entry points share one set of checks:
@@ -15,6 +16,7 @@ Two entry points share one set of checks:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 import zipfile
@@ -54,6 +56,7 @@ class NpzSummary:
     input_shape: tuple[int, ...]
     num_classes: int
     has_test: bool
+    class_names: tuple[str, ...] | None = None
 
 
 def _not_npz(path: Path, why: str = "") -> DataError:
@@ -368,7 +371,36 @@ def validate_npz(path: str | Path, max_classes: int = 10_000,
                     ranges[key].add(chunk)
                 else:
                     _check_x_values(chunk, key)
-    return _summary(shapes, ranges["y"], ranges.get("y_test"))
+        summary = _summary(shapes, ranges["y"], ranges.get("y_test"))
+        names = _class_names(zf, keys, path, summary.num_classes)
+    return dataclasses.replace(summary, class_names=names)
+
+
+MAX_CLASS_NAMES_BYTES = 1 << 20
+
+
+def _class_names(zf: zipfile.ZipFile, keys: set[str], path: Path,
+                 num_classes: int) -> tuple[str, ...] | None:
+    """The optional `class_names` array: 1-D strings, one per class (checked from its header
+    and sizes before it is read)."""
+    if "class_names" not in keys:
+        return None
+    info = zf.getinfo(_member_name(set(zf.namelist()), "class_names"))
+    fix = "save np.array(['cat', 'dog', ...]) as class_names, one name per class"
+    with zf.open(info) as fh:
+        shape, dtype, _ = _read_header(fh, "class_names", path)
+    if dtype.kind != "U" or len(shape) != 1 or shape[0] < num_classes or \
+            info.file_size > MAX_CLASS_NAMES_BYTES:
+        raise DataError(
+            f"'class_names' in {path.name!r} must be a 1-D array of at least {num_classes} "
+            f"strings (under {MAX_CLASS_NAMES_BYTES} bytes), got {dtype} {shape}; {fix}")
+    try:
+        with zf.open(info) as fh:
+            names = np.lib.format.read_array(fh, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"'class_names' in {path.name!r} is damaged ({str(exc)[:200]})") \
+            from None
+    return tuple(str(v) for v in names)
 
 
 def _check_total(path: Path, total: int, max_bytes: int) -> None:
@@ -412,7 +444,12 @@ def load_npz_arrays(path: str | Path, max_classes: int = 10_000,
             ranges[key].add(array)
         else:
             _check_x_values(array, key)
-    _summary({k: a.shape for k, a in arrays.items()}, ranges["y"], ranges.get("y_test"))
+    summary = _summary({k: a.shape for k, a in arrays.items()}, ranges["y"],
+                       ranges.get("y_test"))
+    with _open_zip(path) as zf:
+        names = _class_names(zf, keys, path, summary.num_classes)
+    if names is not None:
+        arrays["class_names"] = np.array(names)
     for key in ranges:
         arrays[key] = arrays[key].astype(np.int64)
     return arrays

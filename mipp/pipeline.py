@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -31,9 +32,11 @@ from mipp.zoo import ModelSpec
 class PruneResult:
     """A pruned model and everything measured on the way.
 
-    model: the physically smaller module; spec: the zoo spec it was built from (None for a
-    model that did not come from the zoo); history: replayable removals; masks: kept indices
-    per layer; layers: per-layer rows for the report; metrics: JSON-able headline figures.
+    model: the physically smaller module; spec: the zoo or code spec it was built from (None
+    for a model built otherwise); history: replayable removals; masks: kept indices per layer;
+    layers: per-layer rows for the report; metrics: JSON-able headline figures;
+    preprocessing/class_names: what the engine fed the model and what its outputs mean (from
+    the dataset), written into every artifact so the saved model takes raw inputs.
     """
 
     model: nn.Module
@@ -44,6 +47,8 @@ class PruneResult:
     metrics: dict
     config: PruneConfig
     details: dict = field(default_factory=dict)
+    preprocessing: Any = None
+    class_names: tuple[str, ...] | None = None
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the model directory (see mipp.artifacts); returns its path."""
@@ -187,7 +192,9 @@ def prune(model: nn.Module, data, config: PruneConfig = PruneConfig(), *,
     progress(Phase.SAVING, 1.0, "done")
     return PruneResult(model=pruned.cpu().eval(), spec=spec, history=history, masks=masks,
                        layers=layers, metrics=metrics, config=config,
-                       details={"selection": selection.layers})
+                       details={"selection": selection.layers},
+                       preprocessing=getattr(data, "preprocessing", None),
+                       class_names=getattr(data, "class_names", None))
 
 
 def _refit(pruned: nn.Module, dense: nn.Module, groups: list[UnitGroup], keep, history, x,

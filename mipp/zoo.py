@@ -22,30 +22,20 @@ from typing import Any, NamedTuple
 
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from mipp import zoo_shapes
 from mipp.errors import ModelError
 
 # ---------------------------------------------------------------------------------------------
 # Per-architecture configuration (validated, so a typo names the field instead of being ignored)
 
 
-class _ArchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MlpConfig(_ArchConfig):
-    widths: tuple[PositiveInt, ...] = Field((300, 100), description="Hidden widths, in order.")
-
-
-class LeNet5Config(_ArchConfig):
-    channels: tuple[PositiveInt, PositiveInt] = Field((6, 16), description="conv1, conv2 outputs.")
-    widths: tuple[PositiveInt, PositiveInt] = Field((120, 84), description="fc1, fc2 widths.")
-
-
-class WidthConfig(_ArchConfig):
-    width_mult: float = Field(1.0, gt=0, le=16, description="Multiplies every layer's width.")
+# The config schemas live in mipp.zoo_shapes (torch-free), so the API validates them too.
+_ArchConfig = zoo_shapes._ArchConfig
+MlpConfig, LeNet5Config, WidthConfig = (zoo_shapes.MlpConfig, zoo_shapes.LeNet5Config,
+                                        zoo_shapes.WidthConfig)
 
 
 def _scaled(width: int, mult: float) -> int:
@@ -115,13 +105,7 @@ def _feature_count(prefix: nn.Module, input_shape: tuple[int, ...]) -> int:
         return prefix(torch.zeros(1, *input_shape)).shape[1]
 
 
-VGG_LAYOUTS: dict[str, list[int | str]] = {
-    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-              512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"],
-}
+VGG_LAYOUTS = zoo_shapes.VGG_LAYOUTS
 
 
 class VGG(nn.Module):
@@ -237,9 +221,8 @@ ARCHITECTURES: dict[str, _Arch] = {
     "vgg11": _Arch(WidthConfig, _vgg("vgg11"), True),
     "vgg16": _Arch(WidthConfig, _vgg("vgg16"), True),
     "vgg19": _Arch(WidthConfig, _vgg("vgg19"), True),
-    "resnet18": _Arch(WidthConfig, _resnet([2, 2, 2, 2], [64, 128, 256, 512]), True),
-    "resnet20": _Arch(WidthConfig, _resnet([3, 3, 3], [16, 32, 64]), True),
-    "resnet56": _Arch(WidthConfig, _resnet([9, 9, 9], [16, 32, 64]), True),
+    **{name: _Arch(WidthConfig, _resnet(*layout), True)
+       for name, layout in zoo_shapes.RESNET_LAYOUTS.items()},
 }
 
 

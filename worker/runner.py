@@ -276,36 +276,30 @@ class JobRun:
         import torch
 
         import mipp  # lazily: torch is imported in the job's process only
+        from mipp.builtin_datasets import server_data_dir
         from mipp.config import PruneConfig
         from mipp.data import load_dataset, load_npz
-        from mipp.zoo import ModelSpec, load_weights
+        from mipp.zoo import load_weights
 
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         if data_row.kind == "npz":
             data_path = work / "data.npz"
             self.store.get_file(data_row.store_key, data_path)
-            data = load_npz(data_path)
+            data = load_npz(data_path, preprocessing=data_row.preprocessing or "none")
         else:
-            datasets_dir = self.settings.datasets_dir
-            data = load_dataset(
-                data_row.builtin_name, datasets_dir if datasets_dir and datasets_dir.exists() else None
-            )
-        log.info("data: %d training and %d test samples of shape %s, %d classes",
-                 len(data.x_train), len(data.x_test), tuple(data.input_shape), data.num_classes)
+            data = load_dataset(data_row.builtin_name,
+                                server_data_dir(self.settings.datasets_dir, data_row.builtin_name))
+        log.info("data: %d training and %d test samples of shape %s, %d classes, preprocessing %s",
+                 len(data.x_train), len(data.x_test), tuple(data.input_shape), data.num_classes,
+                 data.preprocessing.kind)
         reporter("loading", 0.5, "building the model")
-        spec = ModelSpec(
-            arch=model_row.arch,
-            input_shape=tuple(model_row.input_shape or data.input_shape),
-            num_classes=model_row.num_classes or data.num_classes,
-            config=model_row.arch_config or {},
-        )
-        model = spec.build()
+        model, spec = self.build_model(model_row, data, work)
         load_weights(model, weights, model_row.format)
         config = PruneConfig.model_validate(job.config)
         if config.device == "auto" and self.settings.worker_device != "auto":
             config = config.model_copy(update={"device": self.settings.worker_device})
-        reporter("loading", 1.0, f"{spec.arch} on {config.device}")
+        reporter("loading", 1.0, f"{model_row.factory or model_row.arch} on {config.device}")
         knob = (f"target {config.target:.1%} of units (tol searched from {config.tol:g})"
                 if config.target is not None else f"tol {config.tol:g}")
         log.info("pruning with %s: %s, confidence %g, refit %s, retrain %d epochs, "
@@ -336,7 +330,8 @@ class JobRun:
         try:
             from mipp.artifacts import export_onnx
 
-            onnx_path = export_onnx(result.model, spec.input_shape, work / "model.onnx")
+            onnx_path = export_onnx(result.model, spec.input_shape, work / "model.onnx",
+                                    result.preprocessing, result.class_names)
             self.upload(onnx_path, "model.onnx")
         except Exception as exc:  # noqa: BLE001 - ONNX is a convenience, not the result
             log.warning("ONNX export failed, skipping model.onnx: %s", exc)
@@ -346,6 +341,25 @@ class JobRun:
             "masks": _jsonable(result.masks),
             "layers": _jsonable(result.layers),
         }
+
+    def build_model(self, model_row: ModelFile, data, work: Path):
+        """The uploaded model, unweighted, and its spec: a zoo arch, or the team's own code,
+        which is imported here, in this job's process, and nowhere else."""
+        from mipp.custom import CodeSpec, build_code_model, copy_code
+        from mipp.zoo import ModelSpec
+
+        input_shape = tuple(model_row.input_shape or data.input_shape)
+        num_classes = model_row.num_classes or data.num_classes
+        if model_row.kind == "code":
+            archive = work / "source" / Path(model_row.code_store_key).name  # keeps mynet.py
+            archive.parent.mkdir()
+            self.store.get_file(model_row.code_store_key, archive)
+            spec = CodeSpec(factory=model_row.factory, kwargs=model_row.factory_kwargs or {},
+                            input_shape=input_shape, num_classes=num_classes)
+            return build_code_model(spec, copy_code(archive, work / "code")), spec
+        spec = ModelSpec(arch=model_row.arch, input_shape=input_shape, num_classes=num_classes,
+                         config=model_row.arch_config or {})
+        return spec.build(), spec
 
     def finish(self, status: str, *, error: str | None = None, message: str = "",
                outputs: dict[str, Any] | None = None) -> bool:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
+from app.core.model_checks import check_fits
 from app.models import (
     Artifact,
     Dataset,
@@ -81,20 +82,10 @@ class JobRequest:
 
 
 def check_compatible(model: ModelFile, dataset: Dataset) -> None:
-    """The model's declared input shape and classes against the dataset's summary."""
+    """The model's input shape, class count and (zoo safetensors) weights against the
+    dataset's summary; see app.core.model_checks.check_fits."""
     summary = dataset.summary or {}
-    data_shape = summary.get("input_shape")
-    if model.input_shape and data_shape and list(model.input_shape) != list(data_shape):
-        raise InvalidRequest(
-            f"model {model.id!r} takes input_shape {list(model.input_shape)} but dataset "
-            f"{dataset.id!r} has samples of shape {list(data_shape)}"
-        )
-    data_classes = summary.get("num_classes")
-    if model.num_classes and data_classes and data_classes > model.num_classes:
-        raise InvalidRequest(
-            f"model {model.id!r} has {model.num_classes} outputs but dataset {dataset.id!r} "
-            f"has labels up to {data_classes - 1}"
-        )
+    check_fits(model, summary.get("input_shape"), summary.get("num_classes"))
 
 
 def _same_request(job: Job, request: JobRequest, queue: str, time_limit_s: int) -> bool:

@@ -1,4 +1,9 @@
-"""Datasets: upload a validated .npz or refer to a built-in by name; list, get, delete."""
+"""Datasets: upload a validated .npz or refer to a built-in by name; list, get, delete.
+
+A dataset records how the engine prepares its inputs (`preprocessing`): an upload is fed as
+uploaded (`none`) unless the user asks for `standardize` or gives mean/std/scale; a built-in
+is standardised. A built-in whose files this server lacks is refused here, not in a worker.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from sqlalchemy import select
 
 from app.core.inputs import delete_unless_in_use
 from app.deps import CurrentUser, OwnedDataset, SessionDep, SettingsDep, StoreDep, visible
+from app.errors import InvalidRequest
 from app.models import Dataset, Job, new_id
 from app.routes.common import (
     MAX_NAME_CHARS,
@@ -16,11 +22,15 @@ from app.routes.common import (
     Offset,
     check_text,
     page,
+    parse_json_field,
     upload_tmpdir,
 )
 from app.schemas import BuiltinDatasetIn, DatasetOut, Page
 from app.storage import dataset_key
 from app.uploads import check_npz, save_upload
+from mipp.builtin_datasets import BUILTINS, CLASS_NAMES, missing_files
+from mipp.errors import DataError
+from mipp.preprocessing import check_preprocessing_fits, parse_preprocessing, stored_form
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -33,13 +43,20 @@ def upload_dataset(
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description=".npz with x, y and optionally x_test, y_test")],
     name: Annotated[str | None, Form(max_length=200)] = None,
+    preprocessing: Annotated[str, Form(description=PREPROCESSING_HELP)] = "none",
 ):
     check_text(name, "name")
     filename = check_text(file.filename, "filename", 1000 if name else MAX_NAME_CHARS)
     filename = filename or "data.npz"
+    prep = _parse_preprocessing(preprocessing)
     with upload_tmpdir(settings) as tmp:
         saved = save_upload(file.file, tmp / "upload.npz", settings.max_upload_bytes, filename)
         summary = check_npz(saved.path, filename)
+        if not isinstance(prep, str):
+            try:
+                check_preprocessing_fits(prep, tuple(summary["input_shape"]))
+            except DataError as exc:
+                raise InvalidRequest(f"form field {exc}") from None
         dataset_id = new_id()
         key = dataset_key(user.id, dataset_id)
         row = Dataset(
@@ -51,6 +68,7 @@ def upload_dataset(
             size_bytes=saved.size_bytes,
             sha256=saved.sha256,
             summary=summary,
+            preprocessing=stored_form(prep),
         )
         session.add(row)
         session.flush()
@@ -63,16 +81,39 @@ def upload_dataset(
     return row
 
 
+PREPROCESSING_HELP = (
+    "How the engine prepares inputs: none (default: the values as uploaded, what a model "
+    'trained on them expects) | standardize | {"mean": [...], "std": [...], "scale": 255}'
+)
+
+
+def _parse_preprocessing(text: str):
+    value = text.strip()
+    if value.startswith("{"):
+        value = parse_json_field(value, "preprocessing", dict, '{"mean": [0.5], "std": [0.25]}')
+    try:
+        return parse_preprocessing(value, "form field 'preprocessing'")
+    except DataError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
 @router.post("/builtin", response_model=DatasetOut, status_code=201)
-def add_builtin_dataset(body: BuiltinDatasetIn, user: CurrentUser, session: SessionDep):
+def add_builtin_dataset(
+    body: BuiltinDatasetIn, user: CurrentUser, session: SessionDep, settings: SettingsDep
+):
     check_text(body.display_name, "display_name")
+    if problem := missing_files(body.name, settings.datasets_dir):
+        raise InvalidRequest(f"name: {problem}")
+    info = BUILTINS[body.name]
     row = Dataset(
         owner_id=user.id,
         name=body.display_name or body.name,
         kind="builtin",
         builtin_name=body.name,
         size_bytes=0,
-        summary={},
+        summary={"input_shape": list(info.input_shape), "num_classes": info.num_classes,
+                 "class_names": list(CLASS_NAMES.get(body.name, ())) or None},
+        preprocessing={"kind": "standardize"},
     )
     session.add(row)
     session.commit()

@@ -262,13 +262,36 @@ def test_good_flat_npz_splits_off_a_test_set(tmp_path, rng):
     path = save_npz(tmp_path / "flat.npz", x=x, y=np.arange(50) % 2)
     summary = validate_npz(path)
     assert summary.input_shape == (7,) and not summary.has_test and summary.n_test == 0
-    data = as_dataset(path)
+    data = as_dataset(path, preprocessing="standardize")
     assert data.x_train.shape == (40, 7) and data.x_test.shape == (10, 7)
     assert data.mean.shape == (7,)  # per-feature standardisation for flat data
     every = torch.cat([data.x_train, data.x_test])
     assert torch.allclose(data.transform(x).sum(0), every.sum(0), atol=1e-3)
     restored = torch.cat([data.x_train, data.x_test]) * data.std + data.mean
     assert torch.allclose(restored.sum(0), torch.from_numpy(x).sum(0), atol=1e-4)
+
+
+def test_npz_is_fed_as_uploaded_unless_asked(tmp_path, rng):
+    x = (rng.integers(0, 17, size=(60, 1, 4, 4))).astype(np.uint8)
+    path = save_npz(tmp_path / "raw.npz", x=x, y=np.arange(60) % 3,
+                    class_names=np.array(["a", "b", "c"]))
+    data = load_npz(path)  # default: none, the values the user's model was trained on
+    every = torch.cat([data.x_train, data.x_test]).sum(0)
+    assert torch.equal(every, torch.from_numpy(x.astype(np.float32)).sum(0))
+    assert data.preprocessing.kind == "none" and data.preprocessing.is_identity
+    assert data.class_names == ("a", "b", "c")
+    given = load_npz(path, preprocessing={"mean": [8.0], "std": [4.0], "scale": 2.0})
+    assert torch.allclose(given.x_train, (data.x_train / 2.0 - 8.0) / 4.0)
+    assert given.preprocessing.as_dict() == {"kind": "given", "scale": 2.0, "mean": [8.0],
+                                             "std": [4.0]}
+    raw = torch.from_numpy(x[:5].astype(np.float32))
+    assert torch.allclose(given.preprocessing.apply(raw), given.transform(raw))
+    with pytest.raises(DataError, match="preprocessing.mean has 2 values"):
+        load_npz(path, preprocessing={"mean": [1.0, 2.0]})
+    with pytest.raises(DataError, match="preprocessing must be 'none', 'standardize'"):
+        load_npz(path, preprocessing="normalise")
+    with pytest.raises(DataError, match="std must be positive"):
+        load_npz(path, preprocessing={"std": 0})
 
 
 BAD_NPZ = {

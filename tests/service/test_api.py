@@ -137,8 +137,14 @@ def test_upload_records_size_and_sha256(service, digits_files):
 def test_submit_validation(service, digits_files):
     headers = service.add_user("validator")
     model = service.upload_model("validator", digits_files["weights"])
-    misfit = service.upload_model("validator", digits_files["weights"], input_shape="[8, 8]")
+    undeclared = service.upload_model("validator", digits_files["weights"], input_shape=None,
+                                      num_classes=None)
     dataset = service.upload_dataset("validator", digits_files["npz"])
+    r = service.client.post("/api/v1/datasets/builtin", headers=headers, json={"name": "mnist"})
+    assert r.status_code == 201, r.text
+    mnist = r.json()
+    assert mnist["summary"]["input_shape"] == [1, 28, 28]
+    assert mnist["preprocessing"] == {"kind": "standardize"}
 
     def submit(**body):
         return service.client.post("/api/v1/jobs", headers=headers, json=body)
@@ -152,9 +158,14 @@ def test_submit_validation(service, digits_files):
     assert r.status_code == 422 and "queue 'gpu-h100' does not exist" in r.json()["detail"]
     r = submit(model_id=model["id"], dataset_id=dataset["id"], time_limit_s=10**9)
     assert r.status_code == 422 and "time_limit_s" in r.json()["detail"]
-    # Model input shape [8, 8] vs dataset samples [64]: refused before it reaches a GPU.
-    r = submit(model_id=misfit["id"], dataset_id=dataset["id"])
-    assert r.status_code == 422 and "input_shape [8, 8]" in r.json()["detail"]
+    # Model input shape [64] vs MNIST's (1, 28, 28): refused before it reaches a GPU.
+    r = submit(model_id=model["id"], dataset_id=mnist["id"])
+    assert r.status_code == 422 and "takes input_shape [64]" in r.json()["detail"], r.text
+    # No declared shape: the weights (fc1 64x64) are checked against MNIST's 784 inputs.
+    r = submit(model_id=undeclared["id"], dataset_id=mnist["id"])
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "fc1.weight: file [64, 64] vs architecture [64, 784]" in detail
+    assert service.client.get("/api/v1/jobs", headers=headers).json()["total"] == 0
     r = submit(model_id="0" * 32, dataset_id=dataset["id"])
     assert r.status_code == 404
     r = service.client.get("/api/v1/jobs?status=exploded", headers=headers)

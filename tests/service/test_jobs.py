@@ -132,10 +132,16 @@ def test_time_limit_fails_with_reason(service, inputs):
 
 
 def test_engine_error_is_an_actionable_failure(service, digits_files, tmp_path):
+    import safetensors.torch
+    import torch
+
     service.add_user("mismatch")
-    # Weights of a 64-32-16 MLP declared as a 64-64 MLP: the engine names the mismatch.
-    model = service.upload_model("mismatch", digits_files["weights"],
-                                 config='{"widths": [64, 64]}')
+    # A 64-32-16 MLP's state_dict .pt declared as a 64-64 MLP. A safetensors file would be
+    # refused at upload (its header is read there); a .pt's shapes are known only once the
+    # worker loads it, and the engine names the mismatch.
+    pt = tmp_path / "mlp.pt"
+    torch.save(safetensors.torch.load_file(digits_files["weights"]), pt)
+    model = service.upload_model("mismatch", pt, format="pt", config='{"widths": [64, 64]}')
     dataset = service.upload_dataset("mismatch", digits_files["npz"])
     job = service.submit("mismatch", model["id"], dataset["id"], QUICK_RANDOM)
     ended = service.wait("mismatch", job["id"])
