@@ -20,10 +20,13 @@ from torch import nn
 from mipp.groups import UnitGroup
 
 
-def _pool(inputs: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, size, ...) conv input or (n, size * k) flattened input -> (n, size)."""
+def _pool(inputs: torch.Tensor, size: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, C, ...) conv input or (n, F) flat input -> (n, size): the group's channels (or its
+    features, `size * k` of them after a Flatten) at `index` (all of them when None)."""
     if inputs.dim() > 2:
-        return inputs.flatten(2).mean(-1)
+        inputs = inputs.flatten(2).mean(-1)
+    if index is not None and (len(index) != inputs.shape[1] or index[-1] != len(index) - 1):
+        inputs = inputs[:, index.to(inputs.device)]  # e.g. the second half of a concatenation
     if inputs.shape[1] == size:
         return inputs
     return inputs.reshape(inputs.shape[0], size, -1).mean(-1)
@@ -43,9 +46,13 @@ def capture_unit_activations(
     per_batch: dict[str, list[torch.Tensor]] = {}
     hooks = []
     for group in groups:
+        inputs = dict(group.consumer_inputs)
         for consumer in group.consumers:
-            def hook(module, args, group=group):
-                per_batch.setdefault(group.name, []).append(_pool(args[0].float(), group.size))
+            index = torch.tensor(sorted(inputs[consumer])) if consumer in inputs else None
+
+            def hook(module, args, group=group, index=index):
+                per_batch.setdefault(group.name, []).append(
+                    _pool(args[0].float(), group.size, index))
             hooks.append(modules[consumer].register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()

@@ -170,6 +170,8 @@ def format_report(layers: list[dict], metrics: dict) -> str:
         f"| refit {pct(acc['pruned'])} | retrained {pct(acc['retrained'])}",
         "seconds         " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["seconds"].items()),
     ]
+    rows += [f"left alone      {row['name']} ({row['type']}): {row['reason']}"
+             for row in metrics.get("unprunable_layers", [])]
     return "\n".join(rows)
 
 

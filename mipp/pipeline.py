@@ -20,7 +20,13 @@ from torch import nn
 
 from mipp.config import PruneConfig
 from mipp.errors import ConfigError, DataError
-from mipp.groups import UnitGroup, apply_keep_sets, execution_order, find_unit_groups
+from mipp.groups import (
+    UnitGroup,
+    apply_keep_sets,
+    execution_order,
+    find_unit_groups,
+    unprunable_layers,
+)
 from mipp.progress import Phase, ProgressCallback, no_progress
 from mipp.refit import refit_consumers
 from mipp.selection import SelectionContext, select
@@ -186,6 +192,7 @@ def prune(model: nn.Module, data, config: PruneConfig = PruneConfig(), *,
         "units": {"before": units_before, "after": units_after,
                   "removed_fraction": 1 - units_after / units_before},
         "refit_layers": refit_done,
+        "unprunable_layers": unprunable_layers(dense, example, config.ignored_layers),
         "calibration_samples": n_calib,
         "seconds": timer.seconds,
     })

@@ -340,9 +340,11 @@ def team_service(pg_url, redis_url, s3_endpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_service(tmp_path_factory):
-    """The embedded default: SQLite + local directory + kombu filesystem broker."""
+    """The embedded default: SQLite + local directory + kombu filesystem broker, with code
+    uploads on (as `mipp serve --allow-code-uploads`); the team setup keeps them off."""
     tmp = tmp_path_factory.mktemp("embedded")
-    service = _make_service("embedded", _common_env(tmp, f"gpu-emb-{RUN_ID}"), tmp)
+    env = {**_common_env(tmp, f"gpu-emb-{RUN_ID}"), "MIPP_ALLOW_CODE_UPLOADS": "true"}
+    service = _make_service("embedded", env, tmp)
     yield service
     service.stop_worker()
     if service.live is not None:
