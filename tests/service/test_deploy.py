@@ -208,7 +208,7 @@ def test_refused_at_the_door(service, digits_files):
         ("models", {**mlp, "input_shape": "[1, 28, 28]"}, "w.safetensors", good, 422,
          "fc1.weight: file [64, 64] vs architecture [64, 784]"),
         ("datasets", {"preprocessing": "normalise"}, "d.npz",
-         digits_files["npz"].read_bytes(), 422, "preprocessing must be 'none', 'standardize'"),
+         digits_files["npz"].read_bytes(), 422, "'preprocessing' must be 'none', 'standardize'"),
         ("datasets", {"preprocessing": '{"mean": [1, 2]}'}, "d.npz",
          digits_files["npz"].read_bytes(), 422, "preprocessing.mean has 2 values"),
     ]
