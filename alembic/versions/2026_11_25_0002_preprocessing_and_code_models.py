@@ -1,7 +1,7 @@
 """Datasets record their preprocessing; models may be the team's own code.
 
 Revision ID: 0002_prep_code
-Revises: 0001
+Revises: i11a_progress_sweeps
 Create Date: 2026-11-25 18:30:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_prep_code"
-down_revision = "0001"
+down_revision = "i11a_progress_sweeps"
 branch_labels = None
 depends_on = None
 
