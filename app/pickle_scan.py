@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickletools
 from dataclasses import dataclass
+from typing import BinaryIO
 
 _DTYPES = (
     "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32",
@@ -46,11 +47,21 @@ _STRING_OPS = {
     "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
 }  # fmt: skip
 _PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+# Bounds on the replay's own memory: a state_dict of a thousand tensors uses ~10k memo slots
+# and a stack a few dozen deep; a pickle of nothing but MARK or BINPUT opcodes would otherwise
+# grow these by millions of entries.
+MAX_MEMO = 200_000
+MAX_STACK = 200_000
 _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 
 
 class PickleRefused(ValueError):
-    """The pickle imports something outside the allow-list, or cannot be replayed."""
+    """The pickle imports something outside the allow-list (`global_name` says what), or
+    cannot be replayed (`global_name` is None)."""
+
+    def __init__(self, message: str, global_name: str | None = None):
+        super().__init__(message)
+        self.global_name = global_name
 
 
 @dataclass(frozen=True)
@@ -67,17 +78,18 @@ _OTHER = object()
 
 
 def pickle_globals(
-    data: bytes, allowed: frozenset[tuple[str, str]] = STATE_DICT_GLOBALS
+    data: bytes | BinaryIO, allowed: frozenset[tuple[str, str]] = STATE_DICT_GLOBALS
 ) -> list[str]:
-    """Every global `data` would import, as "module.name", sorted; PickleRefused if one is
-    outside `allowed` (exact pairs) or the stream is malformed."""
+    """Every global `data` (bytes or a binary stream, read as it goes) would import, as
+    "module.name", sorted; PickleRefused if one is outside `allowed` (exact pairs), the
+    stream is malformed, or the replay would outgrow MAX_MEMO/MAX_STACK."""
     stack: list = []
     memo: dict[int, object] = {}
     found: set[tuple[str, str]] = set()
 
     def use(module: str, name: str) -> None:
         if (module, name) not in allowed:
-            raise PickleRefused(f"{module}.{name}")
+            raise PickleRefused(f"{module}.{name}", global_name=f"{module}.{name}")
         found.add((module, name))
 
     def pop() -> object:
@@ -126,6 +138,10 @@ def pickle_globals(
                 stack.append(memo[arg])
             else:
                 _generic(opcode, stack, pop, pop_mark)
+            if len(stack) > MAX_STACK or len(memo) > MAX_MEMO:
+                raise PickleRefused(
+                    f"a pickle stack or memo above {MAX_STACK} entries (no state_dict needs it)"
+                )
     except PickleRefused:
         raise
     except Exception as exc:  # noqa: BLE001 - genops' errors on a corrupt stream

@@ -317,10 +317,12 @@ def _chunks(zf: zipfile.ZipFile, member: _Member, path: Path) -> Iterator[np.nda
                 if not block:
                     break
                 seen += len(block)
-                block, cut = carry + block, (len(carry) + len(block)) // itemsize * itemsize
-                carry = block[cut:]
-                if cut:
-                    yield np.frombuffer(block[:cut], dtype=member.dtype)
+                if carry:  # a value split across two reads (zipfile may return short reads)
+                    block = carry + block
+                count = len(block) // itemsize
+                carry = block[count * itemsize:]
+                if count:
+                    yield np.frombuffer(block, dtype=member.dtype, count=count)
             if fh.read(1):
                 raise DataError(f"array {member.key!r} in {path.name!r} has trailing bytes")
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
