@@ -6,9 +6,10 @@ Routes hold no lookup or ownership code: `job: OwnedJob` is the caller's job or 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Select
@@ -22,23 +23,35 @@ from app.settings import Settings
 from app.storage import ObjectStore
 
 
-def get_settings(request: Request) -> Settings:
+# The dependencies that do no I/O are `async def`: FastAPI runs every plain `def` dependency
+# in its thread pool, and on 2 cores each such hop costs about as much as a database query.
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    # Making the session does no I/O (it connects on first use); closing it returns the
+    # connection to the pool (a ROLLBACK round trip), so that part goes to the thread pool.
+    # Its own one-thread limiter (as FastAPI does for `def` dependencies with yield): with the
+    # shared pool full of requests waiting for a connection, the close that frees one must
+    # not wait for a thread itself.
     session = request.app.state.sessionmaker()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+        else:
+            session.close()  # holds no connection: nothing to wait for
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 

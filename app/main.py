@@ -7,6 +7,7 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -23,6 +24,7 @@ from app.settings import Settings, get_settings
 from app.storage import make_store
 
 API_PREFIX = "/api/v1"
+API_THREADS = 256
 log = logging.getLogger("mipp.api")
 
 
@@ -99,6 +101,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Every `def` route and dependency runs in anyio's thread pool (40 threads by
+        # default), and a request keeps its database connection from its first query to the
+        # end. With more waiting requests than threads, all threads could block on the
+        # connection pool while the requests holding connections wait for a thread to go on:
+        # a deadlock until the pool's 30 s timeout (seen at 50 concurrent clients). Threads
+        # are cheap next to that; with this many, a holder always finds one.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         # An API killed mid-upload left its scratch folder; remove it before serving.
         remove_abandoned(settings.tmp_dir)
         maintenance = None

@@ -72,7 +72,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job: OwnedJob):
+async def get_job(job: OwnedJob):
+    # async: the row is loaded (columns only) by the dependency; answering it needs no I/O,
+    # so no thread-pool hop for the call nor for the response's validation.
     return job
 
 
