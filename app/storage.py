@@ -127,31 +127,42 @@ class S3Store:
             else self.client
         )
         self.presign = settings.s3_presign_downloads
-        if settings.s3_create_bucket:
-            self._ensure_bucket(settings.s3_region)
+        self.region = settings.s3_region
+        # The bucket is made at start-up if the store answers, else on every later use until
+        # it does (each /readyz probe retries): a store that starts slower than the API no
+        # longer leaves it without a bucket until a restart.
+        self.bucket_ready = not settings.s3_create_bucket
+        self._ensure_bucket()
 
-    def _ensure_bucket(self, region: str) -> None:
+    def _ensure_bucket(self) -> None:
+        if self.bucket_ready:
+            return
         from botocore.exceptions import BotoCoreError, ClientError
 
+        region = self.region
         try:
             self.client.head_bucket(Bucket=self.bucket)
+            self.bucket_ready = True
         except ClientError:
             try:
                 kwargs = {}
                 if region != "us-east-1":
                     kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
                 self.client.create_bucket(Bucket=self.bucket, **kwargs)
+                self.bucket_ready = True
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code")
                 if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise StoreError(f"cannot create bucket {self.bucket!r}: {exc}") from exc
+                self.bucket_ready = True
         except BotoCoreError as exc:
-            # Not fatal at start-up: /readyz reports it and requests fail with 503.
+            # Not fatal: /readyz reports it, requests fail with 503, and the next use retries.
             logging.getLogger("mipp.store").warning("S3 store not reachable yet: %s", exc)
 
     def _wrap(self, fn, *args, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
 
+        self._ensure_bucket()
         try:
             return fn(*args, **kwargs)
         except (BotoCoreError, ClientError) as exc:

@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES_PER_MODE = 30  # x 2 modes x 19 operations ~ 1,100 cases per backend
+EXAMPLES_PER_MODE = 24  # x 2 modes x ~23 operations: ~1,100 cases per backend
 MIN_CASES = 1_000
 
 
@@ -63,6 +63,9 @@ def test_openapi_fuzz_has_no_server_errors(service, digits_files):
                     if isinstance(case.body, dict) and "model_id" in case.body:
                         case.body["model_id"] = real["model_id"]
                         case.body["dataset_id"] = real["dataset_id"]
+                if isinstance(case.query, dict) and case.query.get("follow") not in (None, False):
+                    # A followed log streams until its job ends; the aimed-at job never runs.
+                    case.query["follow"] = False
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     response = case.call(headers={"Authorization": f"Bearer {key}"})
