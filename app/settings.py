@@ -10,12 +10,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MIPP_", env_file=".env", extra="ignore")
+    # validate_default: the derived fields (database_url, store_dir, ...) are filled in by their
+    # validators when left at their defaults.
+    model_config = SettingsConfigDict(env_prefix="MIPP_", env_file=".env", extra="ignore",
+                                      validate_default=True)
 
     environment: Literal["dev", "production"] = "dev"
     data_dir: Path = Field(Path(".mipp"), description="Root of everything the embedded default keeps.")
@@ -45,6 +48,30 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(2 * 1024**3, ge=1024)
     max_active_jobs_per_user: int = Field(20, ge=1)
     page_size_max: int = 200
+    storage_quota_bytes: int = Field(
+        20 * 1024**3, ge=0, description="Default per-user storage (models, datasets and job "
+        "artifacts together); an upload beyond it is refused with 413. 0 = no limit. Per user: "
+        "`mipp admin quota USER --storage-bytes N`."
+    )
+    requests_per_minute: int = Field(
+        1200, ge=0, description="Default per-key request rate (a token bucket holding one "
+        "minute's worth, per API process); beyond it 429 with Retry-After. 0 = no limit. Per "
+        "user: `mipp admin quota USER --requests-per-minute N`."
+    )
+
+    # Retention and garbage collection (run by the maintenance round).
+    job_retention_days: float = Field(
+        0, ge=0, description="Ended jobs older than this (by finished_at) are deleted with "
+        "their artifacts; 0 = keep forever."
+    )
+    gc_interval_s: float = Field(
+        3600, ge=0, description="How often the maintenance round removes store objects no row "
+        "refers to (it lists the whole store); 0 disables it (`mipp admin gc` still works)."
+    )
+    gc_grace_s: float = Field(
+        3600, ge=0, description="An unreferenced object younger than this is kept: an upload "
+        "or a running attempt may not have written its row yet."
+    )
 
     # Jobs and workers.
     default_queue: str = Field("gpu-default", description="Queue per GPU class, e.g. gpu-a100.")
@@ -81,25 +108,44 @@ class Settings(BaseSettings):
         "process). Off by default: models are programs; `mipp serve --allow-code-uploads`."
     )
 
-    @model_validator(mode="after")
-    def _derive_and_check(self) -> Settings:
-        data_dir = self.data_dir.expanduser().absolute()
-        object.__setattr__(self, "data_dir", data_dir)
-        if not self.database_url:
-            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'mipp.db'}")
-        if self.database_url.startswith(("postgres://", "postgresql://")):
+    # Each derived field is normalised by its own validator (they run in field order, so
+    # `data_dir` is already absolute when the others read it); defaults are validated too.
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _absolute_data_dir(cls, value: str | Path) -> Path:
+        return Path(value).expanduser().absolute()
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            data_dir = info.data.get("data_dir")
+            return f"sqlite:///{data_dir / 'mipp.db'}" if data_dir is not None else value
+        if value.startswith(("postgres://", "postgresql://")):
             # One driver everywhere: psycopg 3.
-            scheme, rest = self.database_url.split("://", 1)
-            object.__setattr__(self, "database_url", f"postgresql+psycopg://{rest}")
-        if not self.broker_url:
-            object.__setattr__(self, "broker_url", "filesystem://")
-        if self.store_dir is None:
-            object.__setattr__(self, "store_dir", data_dir / "store")
-        if self.datasets_dir is None:
-            object.__setattr__(self, "datasets_dir", data_dir / "datasets")
-        if self.environment == "production":
-            if self.database_url.startswith("sqlite"):  # one writer at a time: not a team server
-                raise ValueError("production needs MIPP_DATABASE_URL (PostgreSQL), not SQLite")
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        return value or "filesystem://"
+
+    @field_validator("store_dir", "datasets_dir", mode="before")
+    @classmethod
+    def _under_data_dir(cls, value: str | Path | None, info: ValidationInfo) -> Path | None:
+        if value is None or value == "":
+            data_dir = info.data.get("data_dir")
+            folder = "store" if info.field_name == "store_dir" else "datasets"
+            return data_dir / folder if data_dir is not None else None
+        return Path(value)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        """Refuse combinations no field can judge alone (nothing is rewritten here)."""
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            # One writer at a time: not a team server.
+            raise ValueError("production needs MIPP_DATABASE_URL (PostgreSQL), not SQLite")
         if self.store == "s3" and not self.s3_bucket:
             raise ValueError("MIPP_STORE=s3 needs MIPP_S3_BUCKET")
         return self
