@@ -163,3 +163,23 @@ def test_shape_calculator_imports_no_torch():
            "mipp.custom; print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.strip() == "False", run.stderr
+
+
+def test_readme_lines_take_a_downloaded_model_to_predictions(standardized_result, raw_digits,
+                                                             tmp_path, monkeypatch):
+    """The README's snippet, run as written on a model.tar.gz and raw inputs."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## From a downloaded model to predictions", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in snippet.splitlines() if line.strip()]) == 3
+    _, result = standardized_result
+    _, x_test, y_test = raw_digits
+    with tarfile.open(tmp_path / "model.tar.gz", "w:gz") as tar:
+        tar.add(result.save(tmp_path / "model"), arcname="model")
+    monkeypatch.chdir(tmp_path)
+    scope = {"x_raw": x_test}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    accuracy = float((scope["labels"] == y_test).mean())
+    assert accuracy == pytest.approx(result.metrics["accuracy"]["retrained"], abs=1e-6)

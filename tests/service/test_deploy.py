@@ -229,3 +229,159 @@ def test_refused_at_the_door(service, digits_files):
     assert r.status_code == 422 and "cifar-10-batches-py/test_batch" in detail, r.text
     assert str(service.settings.datasets_dir / "cifar10") in detail
     assert service.row_counts() == rows
+
+
+def _zip_package(folder: Path, dest: Path, prefix: str = "") -> Path:
+    """`folder` as a package at the root of a .zip; `prefix` is put before its __init__.py."""
+    import zipfile
+
+    with zipfile.ZipFile(dest, "w") as zf:
+        for path in sorted(folder.glob("*.py")):
+            text = path.read_text()
+            zf.writestr(f"{folder.name}/{path.name}",
+                        prefix + text if path.name == "__init__.py" else text)
+    return dest
+
+
+def test_zipped_package_runs_only_in_the_job_process(embedded_service, digits_files, tmp_path):
+    """The MLP with a skip connection as a .zip package through the REST API: its import-time
+    code never runs in the API process (the upload only parses it), it runs in the worker's
+    job process, and the job prunes it."""
+    import os
+    import sys
+
+    import torch
+
+    import mipp
+    from mipp.custom import CodeSpec, build_code_model
+    from mipp.zoo import save_weights
+
+    torch.set_num_threads(1)
+    data = mipp.load_npz(digits_files["npz"])
+    spec = CodeSpec(factory="skipmlp:build", kwargs={"in_features": 64, "hidden": 32},
+                    input_shape=(64,), num_classes=10)
+    model = build_code_model(spec, ARCHS)  # the clean package, imported here on purpose
+    mipp.train(model, data, mipp.TrainConfig(epochs=5, lr=1e-2, batch_size=64), device="cpu")
+    weights = save_weights(model, tmp_path / "skipmlp.safetensors")
+    marker = tmp_path / "imported-by.txt"
+    archive = _zip_package(ARCHS / "skipmlp", tmp_path / "skipmlp.zip", prefix=(
+        f"import os\nopen({str(marker)!r}, 'a').write(str(os.getpid()) + '\\n')\n"))
+
+    service = embedded_service
+    headers = service.add_user("zipper")
+    with open(weights, "rb") as w, open(archive, "rb") as code:
+        r = service.client.post(
+            "/api/v1/models", headers=headers,
+            data={"factory": "skipmlp:build", "kwargs": '{"in_features": 64, "hidden": 32}',
+                  "input_shape": "[64]", "num_classes": "10"},
+            files={"file": ("skipmlp.safetensors", w), "code": ("skipmlp.zip", code)})
+    assert r.status_code == 201, r.text
+    assert r.json()["summary"]["code"]["files"] == ["skipmlp/__init__.py", "skipmlp/model.py"]
+    assert not marker.exists() and "skipmlp" not in sys.modules  # parsed, never imported
+    dataset = service.upload_dataset("zipper", digits_files["npz"])
+    job = service.submit("zipper", r.json()["id"], dataset["id"], QUICK_L1)
+    done = service.wait("zipper", job["id"])
+    assert done["status"] == "succeeded", done["error"]
+    importers = {int(pid) for pid in marker.read_text().split()}
+    assert importers and os.getpid() not in importers and service.worker.pid not in importers
+    metrics = done["metrics"]
+    assert metrics["units"]["after"] < metrics["units"]["before"]
+    assert metrics["params"]["after"] < metrics["params"]["before"]
+    assert metrics["accuracy"]["dense"] == pytest.approx(
+        mipp.evaluate(model, data.x_test, data.y_test, device="cpu")["accuracy"], abs=1e-6)
+
+
+def test_serve_flag_turns_code_uploads_on(tmp_path, digits_files):
+    """`mipp serve` refuses code uploads by default and accepts them with
+    --allow-code-uploads (the embedded default's switch for MIPP_ALLOW_CODE_UPLOADS)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "MIPP_ALLOW_CODE_UPLOADS"}
+    env.update(MIPP_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=os.pathsep.join(
+        filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    mipp_cli = [sys.executable, "-c", "import sys; from mipp.cli import main; sys.exit(main())"]
+    created = subprocess.run([*mipp_cli, "admin", "create-user", "admin-of-serve"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    headers = {"Authorization": f"Bearer {created.stdout.split()[-1]}"}
+    statuses = {}
+    for flag in ([], ["--allow-code-uploads"]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve = subprocess.Popen([*mipp_cli, "serve", "--no-worker", "--port", str(port), *flag],
+                                 env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert serve.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+            with open(digits_files["weights"], "rb") as w, \
+                    open(ARCHS / "rescat_cnn.py", "rb") as code:
+                r = httpx.post(f"http://127.0.0.1:{port}/api/v1/models", headers=headers,
+                               data={"factory": "rescat_cnn:build"},
+                               files={"file": ("w.safetensors", w),
+                                      "code": ("rescat_cnn.py", code)}, timeout=30)
+            statuses[bool(flag)] = (r.status_code, r.json())
+        finally:
+            serve.terminate()
+            serve.wait(30)
+    assert statuses[False][0] == 403 and "MIPP_ALLOW_CODE_UPLOADS" in statuses[False][1]["detail"]
+    assert statuses[True][0] == 201 and statuses[True][1]["kind"] == "code", statuses[True]
+
+
+def test_team_worker_has_no_network_and_code_uploads_stay_off():
+    """The team setup (docker-compose.yml): the worker, where uploaded code runs, is on internal
+    networks only, and nothing in the compose file turns code uploads on."""
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml")
+                             .read_text())
+    networks = compose["services"]["worker"]["networks"]
+    assert networks and all(compose["networks"][n].get("internal") is True for n in networks)
+    for name, service in compose["services"].items():
+        env = service.get("environment") or {}
+        value = str(env.get("MIPP_ALLOW_CODE_UPLOADS", "false")).lower()
+        assert value in ("false", "0", ""), (name, value)
+
+
+def test_model_and_dataset_that_do_not_fit_are_refused_at_submit(service, digits_files,
+                                                                  tmp_path):
+    """A (1, 8, 8) model with a (3, 32, 32) dataset, and a 10-class model with a 12-class
+    dataset: 422 at submit naming the model's field and the fix, and no job is made."""
+    from mipp.zoo import build_model, save_weights
+
+    headers = service.add_user("misfit")
+    lenet = save_weights(build_model("lenet5", (1, 8, 8), 10, seed=0), tmp_path / "l.safetensors")
+    small = service.upload_model("misfit", lenet, arch="lenet5", config={},
+                                 input_shape=[1, 8, 8])
+    mlp = service.upload_model("misfit", digits_files["weights"])
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "rgb.npz", x=rng.random((64, 3, 32, 32), dtype=np.float32),
+             y=np.arange(64) % 10)
+    np.savez(tmp_path / "twelve.npz", x=rng.random((96, 64), dtype=np.float32),
+             y=np.arange(96) % 12)
+    rgb = service.upload_dataset("misfit", tmp_path / "rgb.npz")
+    twelve = service.upload_dataset("misfit", tmp_path / "twelve.npz")
+    jobs = service.row_counts()["Job"]
+    cases = [(small, rgb, "takes input_shape [1, 8, 8] but the dataset has samples of shape "
+                          "[3, 32, 32]"),
+             (mlp, twelve, "has 10 outputs but the dataset has 12 classes"),
+             (mlp, twelve, "use a model built with num_classes=12")]
+    for model, dataset, expected in cases:
+        r = service.client.post("/api/v1/jobs", headers=headers,
+                                json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                      "config": QUICK_L1})
+        assert r.status_code == 422 and expected in r.json()["detail"], r.text
+    assert service.row_counts()["Job"] == jobs
