@@ -120,3 +120,21 @@ def test_zipped_skip_mlp_package_prunes_with_l1(digit_images, tmp_path, one_thre
     with torch.no_grad():
         assert torch.allclose(loaded(data.x_test), result.model(data.x_test), atol=1e-5)
     assert result.metrics["units"]["after"] < result.metrics["units"]["before"]
+    # The same through the CLI: the zip packed as a model directory, pruned with L1.
+    weights = save_weights(model, tmp_path / "skipmlp.safetensors")
+    dense, pruned = tmp_path / "cli-dense", tmp_path / "cli-pruned"
+    assert main(["pack", "--code", str(archive), "--factory", "skipmlp:build", "--kwargs",
+                 '{"hidden": 32}', "--weights", str(weights), "--dataset", str(digit_images),
+                 "--preprocessing", "standardize", "--out", str(dense), "-q"]) == 0
+    assert (dense / "code" / "skipmlp" / "model.py").is_file()
+    assert main(["prune", str(dense), "--trust-code", "--dataset", str(digit_images),
+                 "--method", "l1", "--target", "0.4", "--retrain-epochs", "1", "--device", "cpu",
+                 "--out", str(pruned), "-q"]) == 0
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    assert metrics["accuracy"]["dense"] == pytest.approx(result.metrics["accuracy"]["dense"],
+                                                         abs=1e-6)
+    assert metrics["units"] == result.metrics["units"]  # same L1 selection, same counts
+    predictor = mipp.load_predictor(pruned, trust_code=True)
+    raw = np.load(digit_images)
+    accuracy = float((predictor.predict(raw["x_test"]) == raw["y_test"]).mean())
+    assert accuracy == pytest.approx(metrics["accuracy"]["retrained"], abs=1e-6)
