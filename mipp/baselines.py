@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from mipp.activations import capture_io
 from mipp.groups import build_graph
 from mipp.progress import Phase
-from mipp.selection import Selection, SelectionContext, register_selector
+from mipp.methods.context import Selection, SelectionContext, register_selector
 
 SCORE_BATCH = 256  # samples per gradient batch (SNIP uses one such batch)
 TAYLOR_BATCHES = 4  # batches whose gradients Taylor accumulates

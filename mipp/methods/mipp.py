@@ -1,0 +1,117 @@
+"""MIPP's network-level selection: TERC layer by layer from the output back (spec steps 1-7).
+
+    selection = select_mipp(ctx)       # ctx: mipp.methods.context.SelectionContext
+
+`_mipp_pass` is one sweep over the network; `search_tol` is the target search (the `tol`
+that removes `config.target` of the units); `select_mipp` runs one or the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from mipp.activations import capture_unit_activations
+from mipp.config import PruneConfig
+from mipp.methods.context import Selection, SelectionContext, register_selector, removed_fraction
+from mipp.progress import Phase
+from mipp.terc import LayerDecision, terc_select
+
+log = logging.getLogger("mipp.selection")
+
+
+def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: torch.Tensor,
+               config: PruneConfig, report: Callable[[float, str], None]) -> dict[str, LayerDecision]:
+    """One TERC sweep over the network, from the output back to the input."""
+    owner = {member: g.name for g in ctx.groups for member in g.members}
+    decided: dict[str, LayerDecision] = {}
+    total = sum(g.size for g in ctx.groups)
+    size = {g.name: g.size for g in ctx.groups}
+    done = 0
+    for index, group in enumerate(reversed(ctx.groups)):
+        removed = sum(size[name] - len(d.kept) for name, d in decided.items())
+        targets = []
+        for next_name in dict.fromkeys(owner.get(c) for c in group.consumers):
+            if next_name is None or next_name == group.name:
+                continue
+            kept = decided[next_name].kept if next_name in decided else slice(None)
+            targets.append(acts[next_name][:, kept])
+        # The last hidden layer (or a group whose consumers are all unprunable) targets the logits.
+        y = torch.cat(targets, dim=1) if targets else logits
+        x = acts[group.name].to(ctx.device)
+
+        def layer_progress(fraction: float, message: str, group=group, done=done,
+                           removed=removed) -> None:
+            report((done + fraction * group.size) / total,
+                   f"{group.name}: {message}; {removed} units removed so far")
+        decided[group.name] = terc_select(x, y.to(ctx.device), config, seed=config.seed + index,
+                                          progress=layer_progress)
+        done += group.size
+    return decided
+
+
+@register_selector("mipp")
+def select_mipp(ctx: SelectionContext) -> Selection:
+    """MIPP: TERC with MI ordering, layer by layer from the output back (spec steps 1-7).
+
+    With `config.target`, `tol` is searched (`search_tol`) until the fraction of units removed
+    is within 0.02 of the target.
+    """
+    ctx.progress(Phase.CAPTURING, 0.0, "recording activations")
+    acts, logits = capture_unit_activations(ctx.model, ctx.groups, ctx.x, device=ctx.device)
+    ctx.progress(Phase.CAPTURING, 1.0, f"{len(ctx.x)} samples, {len(ctx.groups)} layers")
+    config = ctx.config
+    if config.target is None:
+        decisions = _mipp_pass(ctx, acts, logits, config,
+                               lambda f, m: ctx.progress(Phase.SELECTING, f, m))
+        return _selection(decisions, config.tol)
+    tol, decisions = search_tol(ctx, acts, logits)
+    return _selection(decisions, tol)
+
+
+def search_tol(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: torch.Tensor
+               ) -> tuple[float, dict[str, LayerDecision]]:
+    """The target search: the `tol` whose sweep removes `ctx.config.target` of all units.
+
+    Log-scale bisection, at most 6 sweeps, stopping within 0.02 of the target; returns the
+    closest sweep's tol and decisions. acts/logits: from `capture_unit_activations`.
+    """
+    config = ctx.config
+    tried: list[tuple[float, float, dict[str, LayerDecision]]] = []
+    low, high = None, None
+    tol = config.tol if config.tol > 0 else 0.05
+    max_sweeps = 6
+    for sweep in range(max_sweeps):
+        # "sweep i/n" and the tol tried lead every message, so a progress bar or a job log
+        # shows where the search is (n is the most sweeps it may take).
+        def report(f, m, sweep=sweep, tol=tol):
+            ctx.progress(Phase.SELECTING, (sweep + f) / max_sweeps,
+                         f"sweep {sweep + 1}/{max_sweeps} tol={tol:.3g}: {m}")
+        decisions = _mipp_pass(ctx, acts, logits, config.model_copy(update={"tol": tol}), report)
+        fraction = removed_fraction(ctx.groups, {n: d.kept for n, d in decisions.items()})
+        tried.append((tol, fraction, decisions))
+        summary = (f"sweep {sweep + 1}/{max_sweeps} tol={tol:.3g}: removes {fraction:.1%} of "
+                   f"units (target {config.target:.1%} +- 2%)")
+        log.info("target search %s", summary)  # a milestone for the job's log
+        ctx.progress(Phase.SELECTING, (sweep + 1) / max_sweeps, summary)
+        if abs(fraction - config.target) <= 0.02:
+            break
+        if fraction < config.target:
+            low = tol
+            tol = tol * 4 if high is None else math.sqrt(tol * high)
+        else:
+            high = tol
+            tol = tol / 4 if low is None else math.sqrt(low * tol)
+    tol, fraction, decisions = min(tried, key=lambda t: abs(t[1] - config.target))
+    log.info("target search chose tol=%.3g after %d sweeps: removes %.1f%% of units",
+             tol, len(tried), 100 * fraction)
+    return tol, decisions
+
+
+def _selection(decisions: dict[str, LayerDecision], tol: float) -> Selection:
+    layers = {name: {**d.summary(), "tol": tol, "order": d.order, "tests": d.units}
+              for name, d in decisions.items()}
+    return Selection(keep={name: d.kept for name, d in decisions.items()}, layers=layers)
