@@ -16,6 +16,7 @@ from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound, Unauthorized
+from app.limits import check_rate
 from app.models import Dataset, Job, ModelFile, Sweep, User
 from app.queue import JobQueue
 from app.security import user_for_key
@@ -64,14 +65,20 @@ bearer = HTTPBearer(auto_error=False, description="An API key from `mipp admin c
 
 
 def get_current_user(
+    request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> User:
+    """The key's user (401 for a missing, unknown or revoked key), after spending one of
+    the key's requests (429 with Retry-After when it is over its rate; app.limits)."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    user = user_for_key(session, credentials.credentials)
-    if user is None:
+    found = user_for_key(session, credentials.credentials)
+    if found is None:
         raise Unauthorized("invalid or revoked API key")
+    user, key_id = found
+    check_rate(request.app.state, user, key_id, settings)
     return user
 
 
@@ -99,21 +106,25 @@ def owned_row(session: Session, cls, object_id: str, user: User, what: str):
     return row
 
 
-def owned_job(session: SessionDep, user: CurrentUser, job_id: Annotated[str, Path()]) -> Job:
+def owned_job(session: SessionDep, user: CurrentUser,
+              job_id: Annotated[str, Path(description="The job's id.")]) -> Job:
     return owned_row(session, Job, job_id, user, "job")
 
 
-def owned_model(session: SessionDep, user: CurrentUser, model_id: Annotated[str, Path()]) -> ModelFile:
+def owned_model(session: SessionDep, user: CurrentUser,
+                model_id: Annotated[str, Path(description="The model's id.")]) -> ModelFile:
     return owned_row(session, ModelFile, model_id, user, "model")
 
 
 def owned_dataset(
-    session: SessionDep, user: CurrentUser, dataset_id: Annotated[str, Path()]
+    session: SessionDep, user: CurrentUser,
+    dataset_id: Annotated[str, Path(description="The dataset's id.")],
 ) -> Dataset:
     return owned_row(session, Dataset, dataset_id, user, "dataset")
 
 
-def owned_sweep(session: SessionDep, user: CurrentUser, sweep_id: Annotated[str, Path()]) -> Sweep:
+def owned_sweep(session: SessionDep, user: CurrentUser,
+                sweep_id: Annotated[str, Path(description="The sweep's id.")]) -> Sweep:
     return owned_row(session, Sweep, sweep_id, user, "sweep")
 
 

@@ -30,6 +30,23 @@ from app.core.errors import (  # noqa: F401 - the routes import them from here
 )
 from app.storage import StoreError
 
+
+class StorageQuotaExceeded(TooLarge):
+    """An upload would put the user above their storage quota (app.limits)."""
+
+    code = "storage_quota_exceeded"
+
+
+class RateLimited(ServiceError):
+    """An API key sent more requests than its rate allows (app.limits); carries Retry-After."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
 log = logging.getLogger("mipp.api")
 
 
@@ -82,6 +99,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        headers = getattr(exc, "headers", None) or headers
         return _answer(exc.status_code, exc.code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)

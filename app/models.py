@@ -84,6 +84,10 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Per-user overrides of the server's defaults (settings storage_quota_bytes and
+    # requests_per_minute); None = the default, 0 = no limit. Set by `mipp admin quota`.
+    storage_quota_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
@@ -127,6 +131,9 @@ class ModelFile(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Soft delete: the stored file is removed and the row leaves the lists, but the jobs
+    # that used it keep a readable reference (GET by id still answers, with deleted_at).
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Dataset(Base):
@@ -147,6 +154,9 @@ class Dataset(Base):
     # {"kind": "given", "mean", "std", "scale"}; None on rows from before it was recorded.
     preprocessing: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Soft delete: the stored file is removed and the row leaves the lists, but the jobs
+    # that used it keep a readable reference (GET by id still answers, with deleted_at).
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Job(Base):

@@ -41,10 +41,33 @@ def create_user(session: Session, name: str, *, is_admin: bool = False) -> tuple
     return user, token
 
 
-def user_for_key(session: Session, token: str) -> User | None:
-    """The user of an unrevoked key, in one query (every request pays for it)."""
-    return session.scalar(
-        select(User)
+def user_for_key(session: Session, token: str) -> tuple[User, str] | None:
+    """(the user, the key's id) of an unrevoked key, in one query (every request pays for
+    it); None for an unknown or revoked key."""
+    row = session.execute(
+        select(User, ApiKey.id)
         .join(ApiKey, ApiKey.user_id == User.id)
         .where(ApiKey.key_hash == hash_key(token), ApiKey.revoked.is_(False))
-    )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def find_key(session: Session, ref: str) -> ApiKey | None:
+    """A key by its id or by its visible prefix (what `mipp admin keys` prints); raises
+    ValueError when a prefix names several keys."""
+    key = session.get(ApiKey, ref)
+    if key is not None:
+        return key
+    matches = session.scalars(select(ApiKey).where(ApiKey.prefix == ref)).all()
+    if len(matches) > 1:
+        raise ValueError(f"prefix {ref!r} names {len(matches)} keys; give the key id")
+    return matches[0] if matches else None
+
+
+def revoke_key(session: Session, key: ApiKey) -> bool:
+    """Revoke a key (the next request with it answers 401); False if it already was."""
+    if key.revoked:
+        return False
+    key.revoked = True
+    session.flush()
+    return True

@@ -26,6 +26,7 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str = "") -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def modified_at(self, key: str) -> float | None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def local_path(self, key: str) -> Path | None: ...
     def presign_get(self, key: str, filename: str, ttl_s: int) -> str | None: ...
@@ -78,6 +79,13 @@ class LocalStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def modified_at(self, key: str) -> float | None:
+        """When the object was last written (Unix time); None when it is missing."""
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def delete_prefix(self, prefix: str) -> None:
         target = self.root / _safe_key(prefix.rstrip("/"))
@@ -203,6 +211,18 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._wrap(self.client.delete_object, Bucket=self.bucket, Key=_safe_key(key))
+
+    def modified_at(self, key: str) -> float | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self._wrap(self.client.head_object, Bucket=self.bucket, Key=_safe_key(key))
+        except StoreError as exc:
+            if isinstance(exc.__cause__, ClientError) and exc.__cause__.response.get(
+                    "Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return head["LastModified"].timestamp()
 
     def delete_prefix(self, prefix: str) -> None:
         keys = self.list_keys(_safe_key(prefix.rstrip("/")) + "/")

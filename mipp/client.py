@@ -30,11 +30,15 @@ FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 class ServiceError(Exception):
-    """The service refused a request (4xx/5xx) or could not be reached (status 0)."""
+    """The service refused a request (4xx/5xx) or could not be reached (status 0).
 
-    def __init__(self, status: int, detail: str, code: str | None = None):
+    `retry_after` (seconds) is set when the service said when to retry (a 429 rate limit)."""
+
+    def __init__(self, status: int, detail: str, code: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(f"{status} {code or 'error'}: {detail}" if status else detail)
         self.status, self.detail, self.code = status, detail, code
+        self.retry_after = retry_after
 
 
 class NotConfigured(ServiceError):
@@ -93,7 +97,9 @@ def _error_from(response: httpx.Response) -> ServiceError:
                 f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
                 if isinstance(e, dict) else str(e) for e in detail
             )
-        return ServiceError(response.status_code, detail, body.get("code"))
+        retry = response.headers.get("Retry-After", "")
+        return ServiceError(response.status_code, detail, body.get("code"),
+                            float(retry) if retry.isdigit() else None)
     text = response.text.strip()[:300] or response.reason_phrase
     return ServiceError(response.status_code, text)
 
@@ -221,7 +227,8 @@ class Client:
         return self._json("POST", f"/jobs/{job_id}/cancel")
 
     def delete_job(self, job_id: str) -> None:
-        """DELETE /jobs/{id}: the job, its rows and its artifacts."""
+        """DELETE /jobs/{id}: an ended job, its rows and its artifacts (409 while it is queued
+        or running: cancel it first)."""
         try:
             self.request("DELETE", f"/jobs/{job_id}")
         except ServiceError as exc:

@@ -7,11 +7,12 @@ from sqlalchemy.orm import Session
 
 from app.core.jobs import lock_row
 from app.core.errors import Conflict, NotFound
-from app.models import Job, JobStatus
+from app.models import Job, JobStatus, utcnow
 
 
 def delete_unless_in_use(session: Session, store, row, job_column, what: str) -> None:
-    """Delete an uploaded model/dataset row and its stored file, unless an active job uses it.
+    """Delete an uploaded model/dataset (soft: the row stays, marked `deleted_at`, for the
+    history of its jobs) and its stored file, unless an active job uses it.
 
     The row is locked first (FOR UPDATE; SQLite: the database write lock), which waits for a
     submit holding it (FOR SHARE) to commit: that submit's job is then seen here and the
@@ -28,7 +29,11 @@ def delete_unless_in_use(session: Session, store, row, job_column, what: str) ->
         )
         if active:
             raise Conflict(f"{what} {row_id!r} is used by active job {active!r}; cancel it first")
-        session.delete(session.get(cls, row_id))
+        live = session.get(cls, row_id, populate_existing=True)
+        if live.deleted_at is not None:
+            raise NotFound(f"{what} {row_id!r} was already deleted")
+        # Soft delete: the jobs that used it keep a readable reference (name, arch, summary).
+        live.deleted_at = utcnow()
         session.commit()
     except BaseException:
         session.rollback()

@@ -119,6 +119,8 @@ def _owned(session: Session, cls, row_id: str, user: User, what: str):
     row = session.get(cls, row_id, populate_existing=True)
     if row is None or (row.owner_id != user.id and not user.is_admin):
         raise NotFound(f"{what} {row_id!r} not found")
+    if row.deleted_at is not None:  # soft-deleted: its file is gone
+        raise NotFound(f"{what} {row_id!r} was deleted; upload it again")
     return row
 
 
@@ -597,3 +599,53 @@ def requeue_orphans(session: Session, worker: str, *, max_attempts: int,
         return (*_attempt_guard(job_id, attempt), Job.worker == worker)
 
     return _retire(session, dead, guard, "its job process died", max_attempts, attempt_logs)
+
+
+# --------------------------------------------------------------------------------------------
+# Deleting ended jobs (DELETE /jobs/{id} and the retention setting)
+
+
+def delete_ended_job(session: Session, job_id: str) -> str:
+    """Delete an ended job's row, with its layers, artifact rows and log lines (the foreign
+    keys cascade); returns the store prefix of its files for the caller to remove (row first,
+    then files: a failed store delete leaves orphans for the garbage collection, never a row
+    pointing at nothing).
+
+    One conditional DELETE: a job that is queued or running is not deleted (Conflict: cancel
+    it first); NotFound when the row is gone."""
+    from app.storage import job_prefix  # the key layout, shared with the worker
+
+    session.rollback()  # a fresh transaction: the status read below must be current
+    owner_id = session.scalar(select(Job.owner_id).where(Job.id == job_id))
+    deleted = session.execute(
+        Job.__table__.delete().where(Job.id == job_id, Job.status.in_(JobStatus.FINAL))
+    ).rowcount
+    if not deleted:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        session.rollback()
+        if status is None:
+            raise NotFound(f"job {job_id!r} not found")
+        raise Conflict(
+            f"job {job_id!r} is {status}: cancel it first (POST /api/v1/jobs/{job_id}/cancel "
+            "or `mipp jobs cancel`), then delete it once it has ended"
+        )
+    session.commit()
+    return job_prefix(owner_id, job_id)
+
+
+def delete_expired_jobs(session: Session, *, older_than_s: float, batch: int = 500) -> list[str]:
+    """Delete up to `batch` jobs that ended more than `older_than_s` ago (the retention
+    setting); returns their store prefixes for the caller to remove."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    ids = session.scalars(
+        select(Job.id).where(Job.status.in_(JobStatus.FINAL), Job.finished_at < cutoff)
+        .order_by(Job.finished_at).limit(batch)
+    ).all()
+    session.commit()
+    prefixes = []
+    for job_id in ids:
+        try:
+            prefixes.append(delete_ended_job(session, job_id))
+        except (NotFound, Conflict):  # deleted by someone else meanwhile
+            continue
+    return prefixes

@@ -69,3 +69,30 @@ def parse_json_field(text: str | None, field: str, kind: type, example: str) -> 
     if not isinstance(value, kind):
         raise InvalidRequest(f"form field {field!r} must be a JSON {kind.__name__}, e.g. {example}")
     return value
+
+
+# What each error status means, for the OpenAPI `responses=` of every route (the body is
+# always app.schemas.ErrorOut).
+ERROR_MEANINGS = {
+    401: "Missing, unknown or revoked API key.",
+    403: "Not allowed on this server (e.g. code uploads are off).",
+    404: "Not found, or not yours (another user's id answers the same).",
+    409: "Conflicts with the resource's state (in use, still running, key reused).",
+    413: "Too large: the upload limit, or your storage quota (the message names both the "
+         "limit and your usage).",
+    422: "Malformed body or invalid field: `errors` lists each bad field.",
+    429: "Too many: the key's request rate (with Retry-After) or your active-jobs limit.",
+    503: "The database, the broker or the object store is unavailable; try again.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for these error statuses, each with the one error schema."""
+    from app.schemas import ErrorOut
+
+    return {status: {"model": ErrorOut, "description": ERROR_MEANINGS[status]}
+            for status in statuses}
+
+
+# Every authenticated route can answer these.
+AUTHENTICATED = error_responses(401, 429, 503)

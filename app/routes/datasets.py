@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import select
 
 from app.core.inputs import delete_unless_in_use
 from app.deps import CurrentUser, OwnedDataset, SessionDep, SettingsDep, StoreDep, visible
 from app.errors import InvalidRequest
 from app.models import Dataset, Job, new_id
+from app.limits import check_storage_quota
 from app.routes.common import (
+    AUTHENTICATED,
     MAX_NAME_CHARS,
     Limit,
     Offset,
     check_text,
+    error_responses,
     page,
     parse_json_field,
     upload_tmpdir,
@@ -32,19 +35,22 @@ from mipp.builtin_datasets import BUILTINS, CLASS_NAMES, missing_files
 from mipp.errors import DataError
 from mipp.preprocessing import check_preprocessing_fits, parse_preprocessing, stored_form
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=AUTHENTICATED)
 
 
-@router.post("", response_model=DatasetOut, status_code=201)
+@router.post("", response_model=DatasetOut, status_code=201,
+             responses=error_responses(413, 422))
 def upload_dataset(
     user: CurrentUser,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description=".npz with x, y and optionally x_test, y_test")],
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[str | None, Form(max_length=200, description="Display name (default: the file name)")] = None,
     preprocessing: Annotated[str, Form(description=PREPROCESSING_HELP)] = "none",
 ):
+    """Upload an .npz (x, y and optionally x_test, y_test), checked before it is stored;
+    413 above the upload limit or your storage quota."""
     check_text(name, "name")
     filename = check_text(file.filename, "filename", 1000 if name else MAX_NAME_CHARS)
     filename = filename or "data.npz"
@@ -57,6 +63,7 @@ def upload_dataset(
                 check_preprocessing_fits(prep, tuple(summary["input_shape"]))
             except DataError as exc:
                 raise InvalidRequest(f"form field {exc}") from None
+        check_storage_quota(session, user, settings, saved.size_bytes)
         dataset_id = new_id()
         key = dataset_key(user.id, dataset_id)
         row = Dataset(
@@ -97,10 +104,12 @@ def _parse_preprocessing(text: str):
         raise InvalidRequest(str(exc)) from None
 
 
-@router.post("/builtin", response_model=DatasetOut, status_code=201)
+@router.post("/builtin", response_model=DatasetOut, status_code=201,
+             responses=error_responses(422))
 def add_builtin_dataset(
     body: BuiltinDatasetIn, user: CurrentUser, session: SessionDep, settings: SettingsDep
 ):
+    """Refer to a dataset the server ships (no upload); 422 when its files are missing here."""
     check_text(body.display_name, "display_name")
     if problem := missing_files(body.name, settings.datasets_dir):
         raise InvalidRequest(f"name: {problem}")
@@ -120,24 +129,32 @@ def add_builtin_dataset(
     return row
 
 
-@router.get("", response_model=Page[DatasetOut])
+@router.get("", response_model=Page[DatasetOut], responses=error_responses(422))
 def list_datasets(
     user: CurrentUser,
     session: SessionDep,
     limit: Limit = 50,
     offset: Offset = 0,
+    include_deleted: Annotated[bool, Query(description="Also the deleted ones (kept for "
+                                                       "their jobs' history).")] = False,
 ):
+    """Your datasets (an admin: everyone's), newest first."""
     stmt = visible(select(Dataset), Dataset.owner_id, user)
+    if not include_deleted:
+        stmt = stmt.where(Dataset.deleted_at.is_(None))
     items, total = page(session, stmt, Dataset.created_at.desc(), limit, offset)
     return Page[DatasetOut](items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404, 422))
 def get_dataset(dataset: OwnedDataset):
+    """One dataset; a deleted one still answers (with `deleted_at`) for its jobs' history."""
     return dataset
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409, 422))
 def delete_dataset(dataset: OwnedDataset, session: SessionDep, store: StoreDep) -> Response:
+    """Delete a dataset's file; its row stays (marked deleted) so its jobs stay readable.
+    409 while an active job uses it."""
     delete_unless_in_use(session, store, dataset, Job.dataset_id, "dataset")
     return Response(status_code=204)

@@ -13,11 +13,14 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
+    """Liveness: the API process answers (no dependency is asked)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Something is unreachable: the body "
+                                       "says which ({ready: false, database, broker, store})."}})
 def readyz(session: SessionDep, store: StoreDep, queue: QueueDep) -> JSONResponse:
+    """Readiness: the database, the broker and the store each answer (200), else 503."""
     checks: dict[str, str] = {}
     for name, probe in (
         ("database", lambda: session.execute(text("SELECT 1"))),

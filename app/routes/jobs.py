@@ -1,4 +1,4 @@
-"""Jobs: submit, list, get, cancel, per-layer results, artifacts.
+"""Jobs: submit, list, get, cancel, delete, per-layer results, artifacts, log.
 
 HTTP only: every state change of a job is a call into app.core.jobs.
 """
@@ -9,22 +9,26 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as FastAPIPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
 from app.core import jobs
 from app.core.jobs import JobRequest
+from app.core.housekeeping import delete_job_files
 from app.deps import CurrentUser, OwnedJob, QueueDep, SessionDep, SettingsDep, StoreDep, visible
 from app.errors import InvalidRequest, NotFound
 from app.models import Job, JobLogLine, JobStatus
-from app.routes.common import Limit, Offset, check_text, page
+from app.routes.common import AUTHENTICATED, Limit, Offset, check_text, error_responses, page
 from app.schemas import ArtifactOut, JobIn, JobOut, LayerOut, Page
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTHENTICATED)
 
 
-@router.post("", response_model=JobOut, status_code=201)
+@router.post("", response_model=JobOut, status_code=201,
+             responses={200: {"model": JobOut, "description": "The job this idempotency key "
+                              "already made (same body)."}, **error_responses(404, 409, 422)})
 def submit_job(
     body: JobIn,
     user: CurrentUser,
@@ -33,6 +37,9 @@ def submit_job(
     settings: SettingsDep,
     response: Response,
 ):
+    """Queue a pruning job of a model on a dataset. 429 when you already have the most
+    queued + running jobs the server allows; 409 when `idempotency_key` was used with another
+    body."""
     check_text(body.idempotency_key, "idempotency_key", 100)
     request = JobRequest(
         model_id=body.model_id,
@@ -48,15 +55,20 @@ def submit_job(
     return job
 
 
-@router.get("", response_model=Page[JobOut])
+@router.get("", response_model=Page[JobOut], responses=error_responses(422))
 def list_jobs(
     user: CurrentUser,
     session: SessionDep,
     status: Annotated[list[str] | None, Query(description="Filter; repeat for several.")] = None,
     sweep_id: Annotated[str | None, Query(description="Only the jobs of this sweep.")] = None,
+    model_id: Annotated[str | None, Query(
+        description="Only the jobs of this model (a deleted one's too).")] = None,
+    dataset_id: Annotated[str | None, Query(
+        description="Only the jobs of this dataset (a deleted one's too).")] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ):
+    """Your jobs (an admin: everyone's), newest first."""
     stmt = visible(select(Job), Job.owner_id, user)
     if status:
         unknown = sorted(set(status) - set(JobStatus.ALL))
@@ -65,27 +77,44 @@ def list_jobs(
                 f"unknown status {', '.join(unknown)}; choose from {', '.join(JobStatus.ALL)}"
             )
         stmt = stmt.where(Job.status.in_(status))
-    if sweep_id:
-        stmt = stmt.where(Job.sweep_id == sweep_id)
+    for column, value in ((Job.sweep_id, sweep_id), (Job.model_id, model_id),
+                          (Job.dataset_id, dataset_id)):
+        if value:
+            stmt = stmt.where(column == value)
     items, total = page(session, stmt, Job.created_at.desc(), limit, offset)
     return Page[JobOut](items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404, 422))
 async def get_job(job: OwnedJob):
+    """One job: status, phase, progress and ETA, then its metrics, tol and units per layer."""
     # async: the row is loaded (columns only) by the dependency; answering it needs no I/O,
     # so no thread-pool hop for the call nor for the response's validation.
     return job
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut,
+             responses=error_responses(404, 409, 422))
 def cancel_job(job: OwnedJob, session: SessionDep):
+    """Cancel a queued job at once; a running one stops at its next step. 409 once ended."""
     jobs.request_cancel(session, job)
     return job
 
 
-@router.get("/{job_id}/layers", response_model=list[LayerOut])
+@router.delete("/{job_id}", status_code=204, responses=error_responses(404, 409, 422))
+def delete_job(job: OwnedJob, session: SessionDep, store: StoreDep) -> Response:
+    """Delete an ended job: its row, layers, log and every file it stored. A queued or
+    running job answers 409: cancel it first."""
+    prefix = jobs.delete_ended_job(session, job.id)
+    # The row is gone first; files a store outage keeps are the garbage collection's.
+    delete_job_files(store, [prefix])
+    return Response(status_code=204)
+
+
+@router.get("/{job_id}/layers", response_model=list[LayerOut],
+            responses=error_responses(404, 422))
 def job_layers(job: OwnedJob):
+    """Per-layer units before and after, with the engine's MI-loss figures."""
     return job.layers
 
 
@@ -101,13 +130,37 @@ def _artifact_out(request: Request, job: Job, artifact) -> ArtifactOut:
     )
 
 
-@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut],
+            responses=error_responses(404, 422))
 def list_artifacts(job: OwnedJob, request: Request):
+    """The files the job wrote (model.tar.gz, model.onnx, report.json, log.txt, ...)."""
     return [_artifact_out(request, job, a) for a in job.artifacts]
 
 
-@router.get("/{job_id}/artifacts/{name}", name="download_artifact")
-def download_artifact(job: OwnedJob, name: str, store: StoreDep, settings: SettingsDep):
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    name="download_artifact",
+    response_class=Response,
+    responses={
+        200: {"description": "The file, with its own media type (Content-Disposition: "
+                             "attachment).",
+              "content": {"application/octet-stream": BINARY, "application/gzip": BINARY,
+                          "application/json": BINARY, "text/plain": BINARY}},
+        307: {"description": "Redirect to a presigned store URL (S3 with presigned "
+                             "downloads on); follow it without the Authorization header."},
+        **error_responses(404, 422),
+    },
+)
+def download_artifact(
+    job: OwnedJob,
+    name: Annotated[str, FastAPIPath(description="Artifact name, e.g. model.tar.gz.")],
+    store: StoreDep,
+    settings: SettingsDep,
+):
+    """Download one artifact: the bytes (or a 307 to the store). 503 when the store is down."""
     artifact = next((a for a in job.artifacts if a.name == name), None)
     if artifact is None:
         names = ", ".join(a.name for a in job.artifacts) or "none yet"
@@ -150,7 +203,8 @@ def _log_lines_after(sessionmaker, job_id: str, last_id: int) -> tuple[str | Non
 @router.get(
     "/{job_id}/log",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/plain": {}}, "description": "The log, one line each."}},
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                     "description": "The log, one line each."}, **error_responses(404, 422)},
 )
 async def job_log(
     job: OwnedJob,

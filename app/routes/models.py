@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import select
 
 from app.core.inputs import delete_unless_in_use
@@ -23,11 +23,14 @@ from app.deps import CurrentUser, OwnedModel, SessionDep, SettingsDep, StoreDep,
 from app.errors import Forbidden, InvalidRequest, InvalidUpload
 from app.core.model_checks import check_code, check_zoo_config, check_zoo_weights, choose_format
 from app.models import Job, ModelFile, new_id
+from app.limits import check_storage_quota
 from app.routes.common import (
+    AUTHENTICATED,
     MAX_NAME_CHARS,
     Limit,
     Offset,
     check_text,
+    error_responses,
     page,
     parse_json_field,
     upload_tmpdir,
@@ -36,7 +39,7 @@ from app.schemas import MAX_CLASSES, MODEL_FORMATS, ZOO_ARCHITECTURES, ModelOut,
 from app.storage import model_key
 from app.uploads import check_safetensors, check_state_dict_pt, save_upload
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], responses=AUTHENTICATED)
 
 CHECKS = {"safetensors": check_safetensors, "pt": check_state_dict_pt}
 MAX_INPUT_DIM = 1_000_000  # per axis; an (N, 10**6) float32 batch of 1 is 4 MB
@@ -44,7 +47,8 @@ FILENAMES = {"safetensors": "weights.safetensors", "pt": "weights.pt"}
 CODE_SETTING = "MIPP_ALLOW_CODE_UPLOADS"
 
 
-@router.post("", response_model=ModelOut, status_code=201)
+@router.post("", response_model=ModelOut, status_code=201,
+             responses=error_responses(403, 413, 422))
 def upload_model(
     user: CurrentUser,
     session: SessionDep,
@@ -55,12 +59,14 @@ def upload_model(
     format: Annotated[str | None, Form(description="safetensors | pt (default: read from the file)")] = None,
     config: Annotated[str, Form(description='Architecture config JSON, e.g. {"widths": [64, 32]}')] = "{}",
     input_shape: Annotated[str | None, Form(description="Per-sample shape JSON, e.g. [64]")] = None,
-    num_classes: Annotated[int | None, Form(ge=2, le=MAX_CLASSES)] = None,
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    num_classes: Annotated[int | None, Form(ge=2, le=MAX_CLASSES, description="Output classes, e.g. 10")] = None,
+    name: Annotated[str | None, Form(max_length=200, description="Display name (default: the file name)")] = None,
     code: Annotated[UploadFile | None, File(description="Your own architecture: a .py file or a .zip of a package (needs MIPP_ALLOW_CODE_UPLOADS)")] = None,
     factory: Annotated[str | None, Form(description="With `code`: module:function returning the nn.Module")] = None,
     kwargs: Annotated[str, Form(description='With `code`: the factory\'s keyword arguments as JSON, e.g. {"width": 16}')] = "{}",
 ):
+    """Upload a model: the weights and a zoo architecture (or your own code). Checked
+    before anything is stored; 413 above the upload limit or your storage quota."""
     if format is not None and format not in MODEL_FORMATS:
         raise InvalidUpload(
             f"format {format!r} is not accepted; use one of {', '.join(MODEL_FORMATS)} "
@@ -119,6 +125,8 @@ def upload_model(
                               where=f"{filename}",
                               fix="upload the arch, config, input_shape and num_classes the "
                                   "weights were saved from")
+        check_storage_quota(session, user, settings, saved.size_bytes
+                            + (code_saved.size_bytes if code_saved is not None else 0))
         row = ModelFile(
             id=model_id,
             owner_id=user.id,
@@ -155,25 +163,33 @@ def upload_model(
     return row
 
 
-@router.get("", response_model=Page[ModelOut])
+@router.get("", response_model=Page[ModelOut], responses=error_responses(422))
 def list_models(
     user: CurrentUser,
     session: SessionDep,
     limit: Limit = 50,
     offset: Offset = 0,
+    include_deleted: Annotated[bool, Query(description="Also the deleted ones (kept for "
+                                                       "their jobs' history).")] = False,
 ):
+    """Your models (an admin: everyone's), newest first."""
     stmt = visible(select(ModelFile), ModelFile.owner_id, user)
+    if not include_deleted:
+        stmt = stmt.where(ModelFile.deleted_at.is_(None))
     items, total = page(session, stmt, ModelFile.created_at.desc(), limit, offset)
     return Page[ModelOut](items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{model_id}", response_model=ModelOut)
+@router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404, 422))
 def get_model(model: OwnedModel):
+    """One model; a deleted one still answers (with `deleted_at`) for its jobs' history."""
     return model
 
 
-@router.delete("/{model_id}", status_code=204)
+@router.delete("/{model_id}", status_code=204, responses=error_responses(404, 409, 422))
 def delete_model(model: OwnedModel, session: SessionDep, store: StoreDep) -> Response:
+    """Delete a model's files; its row stays (marked deleted) so its jobs stay readable.
+    409 while an active job uses it."""
     code_key = model.code_store_key
     delete_unless_in_use(session, store, model, Job.model_id, "model")
     if code_key:

@@ -15,12 +15,12 @@ from app.core import jobs
 from app.deps import CurrentUser, OwnedSweep, QueueDep, SessionDep, SettingsDep, visible
 from app.errors import InvalidRequest
 from app.models import Job, JobStatus, ModelFile, Sweep
-from app.routes.common import Limit, Offset, check_text, page
+from app.routes.common import AUTHENTICATED, Limit, Offset, check_text, error_responses, page
 from app.schemas import Page, SweepIn, SweepOut, SweepRow
 from app.sweep_plot import sweep_svg
 from mipp.config import PruneConfig
 
-router = APIRouter(prefix="/sweeps", tags=["sweeps"])
+router = APIRouter(prefix="/sweeps", tags=["sweeps"], responses=AUTHENTICATED)
 
 MAX_JOBS_PER_SWEEP = 100
 
@@ -53,9 +53,11 @@ def child_configs(body: SweepIn) -> list[PruneConfig]:
     return configs
 
 
-@router.post("", response_model=SweepOut, status_code=201)
+@router.post("", response_model=SweepOut, status_code=201, responses=error_responses(404, 422))
 def submit_sweep(body: SweepIn, user: CurrentUser, session: SessionDep, queue: QueueDep,
                  settings: SettingsDep, request: Request):
+    """One job per method x (target or tol) x seed, reported together. 429 when they would
+    put you above the active-jobs limit."""
     check_text(body.name, "name", 200)
     configs = child_configs(body)
     name = body.name
@@ -117,21 +119,23 @@ def sweep_out(sweep: Sweep, request: Request) -> SweepOut:
     )
 
 
-@router.get("", response_model=Page[SweepOut])
+@router.get("", response_model=Page[SweepOut], responses=error_responses(422))
 def list_sweeps(user: CurrentUser, session: SessionDep, request: Request, limit: Limit = 20,
                 offset: Offset = 0):
+    """Your sweeps (an admin: everyone's), newest first, each with its table."""
     stmt = visible(select(Sweep), Sweep.owner_id, user)
     items, total = page(session, stmt, Sweep.created_at.desc(), limit, offset)
     return Page[SweepOut](items=[sweep_out(s, request) for s in items], total=total, limit=limit,
                           offset=offset)
 
 
-@router.get("/{sweep_id}", response_model=SweepOut)
+@router.get("/{sweep_id}", response_model=SweepOut, responses=error_responses(404, 422))
 def get_sweep(sweep: OwnedSweep, request: Request):
+    """One sweep: its status, counts per status, and a row of figures per job."""
     return sweep_out(sweep, request)
 
 
-@router.post("/{sweep_id}/cancel", response_model=SweepOut)
+@router.post("/{sweep_id}/cancel", response_model=SweepOut, responses=error_responses(404, 422))
 def cancel_sweep(sweep: OwnedSweep, session: SessionDep, request: Request):
     """Cancel the sweep's queued jobs at once and flag its running ones; ended jobs stay."""
     jobs.cancel_sweep(session, sweep)
@@ -143,9 +147,11 @@ def cancel_sweep(sweep: OwnedSweep, session: SessionDep, request: Request):
     "/{sweep_id}/plot.svg",
     name="sweep_plot",
     response_class=Response,
-    responses={200: {"content": {"image/svg+xml": {}},
-                     "description": "Accuracy vs units removed, params and MACs, per method."}},
+    responses={200: {"content": {"image/svg+xml": {"schema": {"type": "string"}}},
+                     "description": "Accuracy vs units removed, params and MACs, per method."},
+               **error_responses(404, 422)},
 )
 def sweep_plot(sweep: OwnedSweep):
+    """The sweep's plot as SVG: accuracy against units removed, params and MACs."""
     rows = [_row(job).model_dump() for job in sweep.jobs]
     return Response(sweep_svg(rows, sweep.name), media_type="image/svg+xml")

@@ -128,9 +128,9 @@ def test_upload_records_size_and_sha256(service, digits_files):
     dataset = service.upload_dataset("hasher", digits_files["npz"])
     assert dataset["summary"]["input_shape"] == [64] and dataset["summary"]["num_classes"] == 10
     headers = service.headers("hasher")
-    # Delete: the row and the stored file go.
+    # Delete: the stored file goes; the row stays readable (deleted_at) for its jobs' history.
     assert service.client.delete(f"/api/v1/models/{model['id']}", headers=headers).status_code == 204
-    assert service.client.get(f"/api/v1/models/{model['id']}", headers=headers).status_code == 404
+    assert service.client.get(f"/api/v1/models/{model['id']}", headers=headers).json()["deleted_at"]
     assert not any(model["id"] in k for k in service.store_keys())
 
 

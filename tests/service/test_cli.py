@@ -48,6 +48,10 @@ def test_register_adds_serve_and_admin():
 
 def test_serve_embedded_default(tmp_path):
     env = {**os.environ, "PYTHONPATH": _pythonpath(), "MIPP_DATA_DIR": str(tmp_path / "data")}
+    # Admin commands never create a database; `admin migrate` (or `serve`) does.
+    migrated = subprocess.run(_mipp("admin", "migrate"), cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert migrated.returncode == 0, migrated.stderr
     created = subprocess.run(_mipp("admin", "create-user", "alice"), cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=60)
     assert created.returncode == 0, created.stderr
