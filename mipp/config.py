@@ -26,12 +26,13 @@ class TrainConfig(BaseModel):
     model_config = _STRICT
 
     epochs: int = Field(3, ge=0, le=10_000, description="Passes over the training set.")
-    batch_size: int = Field(128, ge=1, le=65_536)
-    optimizer: Literal["sgd", "adam"] = "adam"
-    lr: float = Field(1e-3, gt=0, le=10)
+    batch_size: int = Field(128, ge=1, le=65_536, description="Samples per step.")
+    optimizer: Literal["sgd", "adam"] = Field("adam", description="sgd or adam.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 weight decay.")
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        "cosine", description="Learning-rate schedule over the epochs.")
 
 
 class ReconstructorConfig(BaseModel):
@@ -41,8 +42,8 @@ class ReconstructorConfig(BaseModel):
 
     hidden_cap: int = Field(
         256, ge=1, le=65_536, description="Hidden width = min(2*d_out, hidden_cap).")
-    lr: float = Field(3e-3, gt=0, le=10)
-    batch_size: int = Field(256, ge=8, le=65_536)
+    lr: float = Field(3e-3, gt=0, le=10, description="Adam learning rate of the reconstructors.")
+    batch_size: int = Field(256, ge=8, le=65_536, description="Calibration rows per step.")
     epochs: int = Field(100, ge=1, le=10_000, description="Budget of the reference fit (spec step 6).")
     finetune_epochs: int = Field(
         25, ge=1, le=10_000, description="Budget of each masked fine-tune (step 7).")
@@ -61,29 +62,43 @@ class PruneConfig(BaseModel):
 
     model_config = _STRICT
 
-    method: Literal[METHODS] = "mipp"  # type: ignore[valid-type]
-    mode: Literal["after-training", "at-init"] = "after-training"
-    confidence: float = Field(0.9, gt=0, lt=1)
-    tol: float = Field(0.05, ge=0, le=100)
-    target: float | None = Field(None, gt=0, lt=1)
-    repeats: int = Field(5, ge=2, le=64)
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        "mipp", description="Selection method: mipp or a baseline (" + ", ".join(METHODS[1:]) + ").")
+    mode: Literal["after-training", "at-init"] = Field(
+        "after-training", description="Prune a trained model, or at initialisation (then train).")
+    confidence: float = Field(0.9, gt=0, lt=1, description="Confidence of the keep test (the paper's x).")
+    tol: float = Field(0.05, ge=0, le=100, description="Fraction of a layer's estimated MI that "
+                       "removing a unit may cost (MIPP); ignored when `target` is set.")
+    target: float | None = Field(None, gt=0, lt=1, description="Fraction of units to remove "
+                                 "overall: MIPP searches tol for it; baselines use it directly.")
+    repeats: int = Field(5, ge=2, le=64, description="Reconstructors per decision (R).")
     min_units: int = Field(
         1, ge=1, le=1_000_000, description="Never prune a layer below this many units.")
-    test: Literal["t", "null-unit"] = "t"
-    tol_scale: Literal["mi", "reference"] = "mi"
-    control: bool = True
+    test: Literal["t", "null-unit"] = Field(
+        "t", description="Keep test: one-sided Student t, or the authors' null-unit rule.")
+    tol_scale: Literal["mi", "reference"] = Field(
+        "mi", description="tol scales the layer's estimated MI, or the reference loss.")
+    control: bool = Field(True, description="Fine-tune the reference unmasked as the baseline of "
+                          "each decision (without it every unit looks removable).")
     std_floor: float = Field(
         0.1, ge=0, le=1e6, description="Column std floor, x the layer's median std.")
-    calibration_samples: int = Field(5120, ge=64, le=10_000_000)
-    val_fraction: float = Field(0.2, gt=0, lt=0.9)
-    reconstructor: ReconstructorConfig = ReconstructorConfig()
-    path: Literal["fast", "sequential"] = "fast"
-    speculation: Literal["auto", "prune", "keep", "off"] = "auto"
-    block_size: int = Field(8, ge=1, le=256)
-    refit: bool = True
-    retrain: TrainConfig = TrainConfig(epochs=1)
-    ignored_layers: tuple[str, ...] = Field((), max_length=10_000)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    calibration_samples: int = Field(
+        5120, ge=64, le=10_000_000, description="Training rows whose activations the estimator uses.")
+    val_fraction: float = Field(0.2, gt=0, lt=0.9, description="Share of those rows for early stopping.")
+    reconstructor: ReconstructorConfig = Field(
+        ReconstructorConfig(), description="The estimator's reconstructor MLPs.")
+    path: Literal["fast", "sequential"] = Field(
+        "fast", description="fast: blocks of candidates batched with exact speculation; "
+        "sequential: one at a time (the reference).")
+    speculation: Literal["auto", "prune", "keep", "off"] = Field(
+        "auto", description="What the fast path assumes of a block's candidates.")
+    block_size: int = Field(8, ge=1, le=256, description="Candidates per batched block (fast path).")
+    refit: bool = Field(True, description="Least-squares refit of the next layer after removal.")
+    retrain: TrainConfig = Field(
+        TrainConfig(epochs=1), description="Retraining after pruning (epochs 0: none).")
+    ignored_layers: tuple[str, ...] = Field(
+        (), max_length=10_000, description="Layer names never pruned.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed of the whole run.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
 
     @field_validator("device")
