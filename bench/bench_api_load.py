@@ -117,7 +117,9 @@ def start_mipp(db: str, workers: int, tmp: Path) -> tuple[subprocess.Popen, str,
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "MIPP_DATABASE_URL": url,
            "MIPP_DATA_DIR": str(tmp / "mipp"), "MIPP_SWEEPER_INTERVAL_S": "0",
-           "MIPP_ENVIRONMENT": "production"}
+           "MIPP_ENVIRONMENT": "production",
+           # One key drives the whole load: its request rate limit would answer 429.
+           "MIPP_REQUESTS_PER_MINUTE": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host",
          "127.0.0.1", "--port", str(port), "--workers", str(workers), "--no-access-log",
