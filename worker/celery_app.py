@@ -51,8 +51,15 @@ def _recover_after_restart(sender=None, **_kwargs) -> None:
 
 
 @worker_process_init.connect
-def _fresh_connections(**_kwargs) -> None:
+def _fresh_connections(sender=None, **_kwargs) -> None:
     runner.after_fork()
+    # A pool process starts when the previous one ended, or was killed mid-job (SIGKILL, the
+    # OOM killer): re-queue its job now, not a stale-heartbeat delay later. The broker's
+    # redelivery of that message may reach another node first, which cannot claim it.
+    try:
+        runner.recover_orphans(settings, sender or "worker")
+    except Exception:  # noqa: BLE001 - the API's sweeper still catches it later
+        runner.log.warning("could not recover this node's orphaned jobs", exc_info=True)
 
 
 @celery.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True)
