@@ -167,6 +167,8 @@ class Job(Base):
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency"),
         Index("ix_jobs_owner_status_created", "owner_id", "status", "created_at"),
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        # The retention query of every maintenance round: ended jobs by finished_at.
+        Index("ix_jobs_status_finished", "status", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
