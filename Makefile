@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } || \
 		echo "warning: could not install dataset-fashion-mnist; fashion-mnist needs --dataset fashion-mnist:DIR"
+	# The dashboard's browser test (tests/service/test_dashboard.py) drives Debian's chromium.
+	test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium; } || \
+		echo "warning: could not install chromium; the dashboard's browser test needs it"
 	touch $@
 
 serve: install

@@ -8,8 +8,8 @@ import threading
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -22,6 +22,7 @@ from app.queue import JobQueue
 from app.routes import datasets, health, jobs, models, sweeps, users
 from app.settings import Settings, get_settings
 from app.storage import make_store
+from app.web import UI_PATH, mount_dashboard, mount_offline_docs, wants_html
 
 API_PREFIX = "/api/v1"
 API_THREADS = 256
@@ -124,6 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Upload a model and a dataset, run a pruning job on a GPU worker, download the result.",
         lifespan=lifespan,
+        docs_url=None,  # served from local files by mount_offline_docs: no CDN
+        redoc_url=None,  # not served: ReDoc's bundle loads its logo from a CDN
     )
     engine = make_engine(settings.database_url)
     app.state.settings = settings
@@ -139,9 +142,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(health.router)
 
+    mount_offline_docs(app)
+    mount_dashboard(app)
+
     @app.get("/", include_in_schema=False)
-    def root() -> dict[str, str]:
-        return {"service": "mipp", "docs": "/docs", "api": API_PREFIX}
+    async def root(request: Request):
+        if wants_html(request):  # a browser: the dashboard
+            return RedirectResponse(f"{request.scope.get('root_path', '')}{UI_PATH}/")
+        return {"service": "mipp", "docs": "/docs", "dashboard": f"{UI_PATH}/", "api": API_PREFIX}
 
     app.add_middleware(JsonBodyGuard)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
