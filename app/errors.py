@@ -109,9 +109,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http_error(_req: Request, exc: HTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR:
+        if exc.status_code == 400:
+            # A body that cannot be parsed: FastAPI's JSON/form parse error, or Starlette's
+            # multipart parser (e.g. "Missing boundary in multipart."). A malformed body is a
+            # 422 like every other one.
             cause = exc.__cause__
-            why = f" ({type(cause).__name__}: {str(cause)[:200]})" if cause else ""
+            if exc.detail == _FASTAPI_PARSE_ERROR:
+                why = f" ({type(cause).__name__}: {str(cause)[:200]})" if cause else ""
+            else:
+                why = f" ({str(exc.detail)[:200]})"
             return _answer(
                 422, "malformed_body",
                 f"the request body could not be parsed{why}; send JSON (UTF-8) or a "

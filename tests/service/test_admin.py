@@ -148,12 +148,20 @@ def test_request_rate_answers_429_with_retry_after(service, run_admin):
 # Jobs: delete, retention, history of deleted inputs, filters
 
 
-def test_job_history_filters_delete_and_retention(service, digits_files, monkeypatch, capsys):
-    from sqlalchemy import func, select, update
+def park(service, user: str, model_id: str, dataset_id: str) -> dict:
+    """A job on a queue no worker reads: it stays queued until cancelled."""
+    service.settings.queues = ("gpu-idle",)
+    try:
+        return service.submit(user, model_id, dataset_id, QUICK, queue="gpu-idle")
+    finally:
+        service.settings.queues = ()
 
-    import mipp.cli
+
+def test_filters_soft_delete_and_retention(service, digits_files, monkeypatch):
+    from sqlalchemy import update
+
     from app.main import maintain_once
-    from app.models import Job, JobLogLine, utcnow
+    from app.models import Job, utcnow
     from app.storage import job_prefix
 
     service.add_user("history")
@@ -161,16 +169,12 @@ def test_job_history_filters_delete_and_retention(service, digits_files, monkeyp
     model_a = service.upload_model("history", digits_files["weights"], name="a")
     model_b = service.upload_model("history", digits_files["weights"], name="b")
     data = service.upload_dataset("history", digits_files["npz"])
-    job_a = service.submit("history", model_a["id"], data["id"], QUICK)
+    job_a = park(service, "history", model_a["id"], data["id"])
+    job_b = park(service, "history", model_b["id"], data["id"])
 
-    # A job parked on a queue no worker reads: still queued, so it cannot be deleted.
-    service.settings.queues = ("gpu-idle",)
-    try:
-        parked = service.submit("history", model_b["id"], data["id"], QUICK, queue="gpu-idle")
-    finally:
-        service.settings.queues = ()
+    # A queued job cannot be deleted.
     with pytest.raises(ServiceError) as refused:
-        api.delete_job(parked["id"])
+        api.delete_job(job_a["id"])
     assert refused.value.status == 409 and "cancel it first" in refused.value.detail
 
     # Filters by model and by dataset, alone and together.
@@ -178,18 +182,17 @@ def test_job_history_filters_delete_and_retention(service, digits_files, monkeyp
         return {j["id"] for j in api.list_jobs(**filters)["items"]}
 
     assert ids(model_id=model_a["id"]) == {job_a["id"]}
-    assert ids(dataset_id=data["id"]) == {job_a["id"], parked["id"]}
-    assert ids(model_id=model_b["id"], dataset_id=data["id"]) == {parked["id"]}
+    assert ids(dataset_id=data["id"]) == {job_a["id"], job_b["id"]}
+    assert ids(model_id=model_b["id"], dataset_id=data["id"]) == {job_b["id"]}
     assert ids(model_id=model_a["id"], dataset_id=uuid.uuid4().hex) == set()
-    assert service.wait("history", job_a["id"])["status"] == "succeeded"
 
-    # A deleted model: its file goes, its job keeps a readable reference.
+    # A deleted model: its file goes, its job keeps a readable reference and stays findable.
+    for job in (job_a, job_b):
+        api.cancel(job["id"])
     assert any(model_a["id"] in k for k in service.store_keys())
     api.request("DELETE", f"/models/{model_a['id']}")
     assert not any(model_a["id"] in k for k in service.store_keys())
-    kept = api.job(job_a["id"])
-    assert kept["model_id"] == model_a["id"] and kept["status"] == "succeeded"
-    assert kept["metrics"]["params"]["after"] < kept["metrics"]["params"]["before"]
+    assert api.job(job_a["id"])["model_id"] == model_a["id"]
     model = api.request("GET", f"/models/{model_a['id']}").json()
     assert model["name"] == "a" and model["deleted_at"] is not None
     assert model_a["id"] not in {m["id"] for m in api.list_models()["items"]}
@@ -202,34 +205,61 @@ def test_job_history_filters_delete_and_retention(service, digits_files, monkeyp
         api.request("DELETE", f"/models/{model_a['id']}")
     assert twice.value.status == 404
 
-    # `mipp jobs delete`: the row, its log lines and every stored file go.
-    assert {a["name"] for a in api.artifacts(job_a["id"])} >= {"model.tar.gz", "log.txt"}
-    assert job_keys(service, job_a)
-    monkeypatch.setenv("MIPP_URL", service.url)
-    monkeypatch.setenv("MIPP_API_KEY", service.users["history"])
-    assert mipp.cli.main(["jobs", "delete", job_a["id"]]) == 0
-    assert f"job {job_a['id']} deleted" in capsys.readouterr().out
-    assert job_keys(service, job_a) == []
-    with service.app.state.sessionmaker() as session:
-        assert session.get(Job, job_a["id"]) is None
-        assert session.scalar(select(func.count()).where(JobLogLine.job_id == job_a["id"])) == 0
-
     # Retention: an ended job older than the setting goes in the next maintenance round,
-    # with whatever its prefix holds (here a leftover attempt log).
-    api.cancel(parked["id"])
-    leftover = f"{job_prefix(parked['owner_id'], parked['id'])}/attempt-1/log.txt"
+    # with whatever its prefix holds (here a leftover attempt log); a younger one stays.
+    leftover = f"{job_prefix(job_a['owner_id'], job_a['id'])}/attempt-1/log.txt"
     service.app.state.store.put_file(leftover, digits_files["weights"])
     with service.app.state.sessionmaker() as session:
-        session.execute(update(Job).where(Job.id == parked["id"])
+        session.execute(update(Job).where(Job.id == job_a["id"])
                         .values(finished_at=utcnow() - timedelta(days=3)))
         session.commit()
     monkeypatch.setattr(service.settings, "job_retention_days", 2.0)
     report = maintain_once(service.app)
-    assert report.deleted_jobs == [parked["id"]]
+    assert report.deleted_jobs == [job_a["id"]]
     assert not service.app.state.store.exists(leftover)
     with pytest.raises(ServiceError) as expired:
-        api.job(parked["id"])
+        api.job(job_a["id"])
     assert expired.value.status == 404
+    assert api.job(job_b["id"])["status"] == "cancelled"
+
+
+def test_deleting_a_job_removes_its_artifacts(team_service, digits_files, monkeypatch, capsys):
+    """A real job on the real worker (PostgreSQL, Redis, S3): its model deleted, its history
+    stays; `mipp jobs delete` then removes its rows and every object it stored."""
+    from sqlalchemy import func, select
+
+    import mipp.cli
+    from app.models import Job, JobLayer, JobLogLine
+
+    service = team_service
+    service.add_user("deleter")
+    api = service.api("deleter")
+    model = service.upload_model("deleter", digits_files["weights"])
+    data = service.upload_dataset("deleter", digits_files["npz"])
+    job = service.submit("deleter", model["id"], data["id"], QUICK)
+    assert service.wait("deleter", job["id"])["status"] == "succeeded"
+    assert {a["name"] for a in api.artifacts(job["id"])} >= {"model.tar.gz", "log.txt"}
+    stored = job_keys(service, job)
+    assert len(stored) >= 2
+
+    api.request("DELETE", f"/models/{model['id']}")  # the finished job's history stays
+    kept = api.job(job["id"])
+    assert kept["model_id"] == model["id"] and kept["status"] == "succeeded"
+    assert kept["metrics"]["params"]["after"] < kept["metrics"]["params"]["before"]
+    assert kept["layer_units"]["fc1"]["after"] < 64
+
+    monkeypatch.setenv("MIPP_URL", service.url)
+    monkeypatch.setenv("MIPP_API_KEY", service.users["deleter"])
+    assert mipp.cli.main(["jobs", "delete", job["id"]]) == 0
+    assert f"job {job['id']} deleted" in capsys.readouterr().out
+    assert job_keys(service, job) == []
+    assert not any(service.app.state.store.exists(key) for key in stored)
+    with service.app.state.sessionmaker() as session:
+        assert session.get(Job, job["id"]) is None
+        for table in (JobLogLine, JobLayer):
+            assert session.scalar(select(func.count()).where(table.job_id == job["id"])) == 0
+    assert mipp.cli.main(["jobs", "delete", job["id"]]) == 2  # gone: a one-line 404
+    assert "404" in capsys.readouterr().err
 
 
 def test_gc_removes_only_unreferenced_old_objects(service, digits_files, tmp_path, run_admin):
@@ -240,12 +270,8 @@ def test_gc_removes_only_unreferenced_old_objects(service, digits_files, tmp_pat
     api = service.api("gc")
     me = api.me()
     model = service.upload_model("gc", digits_files["weights"])
-    service.settings.queues = ("gpu-idle",)
-    try:  # an active job: what lives under its prefix may still get its rows
-        active = api.submit_job(model["id"], service.upload_dataset("gc", digits_files["npz"])["id"],
-                                QUICK, queue="gpu-idle")
-    finally:
-        service.settings.queues = ()
+    # An active job: what lives under its prefix may still get its rows.
+    active = park(service, "gc", model["id"], service.upload_dataset("gc", digits_files["npz"])["id"])
     store = service.app.state.store
     blob = tmp_path / "orphan.bin"
     blob.write_bytes(b"no row points here")
@@ -296,6 +322,33 @@ def test_admin_commands_refuse_a_missing_database(tmp_path, run_admin):
     url = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"  # reachable, no mipp tables
     code, _, err = run_admin("users", env={"MIPP_DATABASE_URL": url}, cwd=tmp_path)
     assert code == 2 and "has no mipp tables" in err and "MIPP_DATABASE_URL" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed bodies: all 422, in the one error shape
+
+
+def test_malformed_bodies_answer_422(embedded_service):
+    service = embedded_service
+    headers = service.add_user("malformed")
+    post = service.client.post
+    json_type = {**headers, "content-type": "application/json"}
+    cases = {
+        "multipart without boundary": post("/api/v1/models", content=b"abc", headers={
+            **headers, "content-type": "multipart/form-data"}),
+        "truncated JSON": post("/api/v1/jobs", content=b'{"model_id": "a"', headers=json_type),
+        "NaN tol": post("/api/v1/jobs", headers=json_type,
+                        content=b'{"model_id": "a", "dataset_id": "b", "config": {"tol": NaN}}'),
+        "array body": post("/api/v1/jobs", content=b"[1, 2]", headers=json_type),
+        "text body": post("/api/v1/datasets/builtin", content=b"mnist",
+                          headers={**headers, "content-type": "text/plain"}),
+    }
+    for name, response in cases.items():
+        body = response.json()
+        assert response.status_code == 422, (name, body)
+        assert set(body) <= {"detail", "code", "errors"} and body["detail"], (name, body)
+        assert body["code"] in ("malformed_body", "validation_error"), (name, body)
+    assert "Missing boundary" in cases["multipart without boundary"].json()["detail"]
 
 
 # --------------------------------------------------------------------------------------------
