@@ -17,7 +17,6 @@ from mipp.client import ServiceError
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 # A job that ends within seconds: random selection, no refit, no retraining.
 QUICK = {"method": "random", "target": 0.5, "refit": False, "retrain": {"epochs": 0},
          "device": os.environ.get("MIPP_TEST_DEVICE", "cpu")}
