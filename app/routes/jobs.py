@@ -159,6 +159,10 @@ def download_artifact(
     name: Annotated[str, FastAPIPath(description="Artifact name, e.g. model.tar.gz.")],
     store: StoreDep,
     settings: SettingsDep,
+    redirect: Annotated[bool, Query(
+        description="false: the bytes through the API even where the store presigns "
+                    "downloads (the dashboard asks so: a page cannot follow a 307 to the store)."
+    )] = True,
 ):
     """Download one artifact: the bytes (or a 307 to the store). 503 when the store is down."""
     artifact = next((a for a in job.artifacts if a.name == name), None)
@@ -171,7 +175,7 @@ def download_artifact(
     path = store.local_path(artifact.store_key)
     if path is not None:
         return FileResponse(path, media_type=artifact.content_type, filename=name)
-    url = store.presign_get(artifact.store_key, name, settings.presign_ttl_s)
+    url = store.presign_get(artifact.store_key, name, settings.presign_ttl_s) if redirect else None
     if url is not None:
         return RedirectResponse(url, status_code=307)
     body = store.open_stream(artifact.store_key)

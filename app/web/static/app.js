@@ -50,7 +50,7 @@ const fmt = {
   num: (x) => {
     if (x === null || x === undefined) return "–";
     if (typeof x !== "number") return typeof x === "object" ? JSON.stringify(x) : String(x);
-    return Number.isInteger(x) ? x.toLocaleString("en-US") : x.toPrecision(4);
+    return Number.isInteger(x) ? x.toLocaleString("en-US") : String(Number(x.toPrecision(4)));
   },
   bytes: (n) => {
     if (n === null || n === undefined) return "–";
@@ -286,11 +286,11 @@ async function jobsView(view, life) {
   const tbody = h("tbody");
   const total = h("span", { class: "notice" });
   view.append(
-    h("section", { class: "card" }, h("h2", { text: "New job" }), form),
     h("section", { class: "card" }, h("div", { class: "title-line" }, h("h1", { text: "Jobs" }), total),
       h("div", { class: "scroll" }, h("table", { id: "jobs-table" },
         h("thead", {}, h("tr", {}, ["Job", "Model", "Dataset", "Method", "Status", "Progress", "Created"].map((t) => h("th", { text: t })))),
         tbody))),
+    h("section", { class: "card" }, h("h2", { text: "New job" }), form),
   );
 
   const refresh = guard(async () => {
@@ -345,13 +345,17 @@ function metricsTable(metrics) {
     row("accuracy after refit", fmt.pct(acc.dense), fmt.pct(acc.pruned), pts(acc.dense, acc.pruned)),
     row("parameters", fmt.int(params.before), fmt.int(params.after), fmt.ratio(params.before, params.after)),
     row("MACs per sample", fmt.int(macs.before), fmt.int(macs.after), fmt.ratio(macs.before, macs.after)),
-    row(`latency (batch ${lat.batch_size ?? "?"})`, fmt.ms(lat.before), fmt.ms(lat.after),
-        lat.before ? `${(lat.before / lat.after).toFixed(2)}× faster` : ""),
+    row(`latency (batch ${lat.batch_size ?? "?"})`, fmt.ms(lat.before), fmt.ms(lat.after), speedup(lat.before, lat.after)),
     row("units", fmt.int(units.before), fmt.int(units.after), units.removed_fraction !== undefined ? `${fmt.pct(units.removed_fraction)} removed` : ""),
   ];
   return h("table", { id: "metrics-table" },
     h("thead", {}, h("tr", {}, h("th", { text: "" }), h("th", { class: "num", text: "before" }), h("th", { class: "num", text: "after" }), h("th", { class: "num", text: "" }))),
     h("tbody", {}, rows));
+}
+
+function speedup(before, after) {
+  if (!before || !after) return "";
+  return before >= after ? `${(before / after).toFixed(2)}× faster` : `${(after / before).toFixed(2)}× slower`;
 }
 
 function miTable(layers) {
@@ -386,11 +390,11 @@ async function jobView(view, life, jobId) {
   view.append(
     h("div", { class: "title-line" }, h("h1", {}, "Job ", h("span", { class: "mono", text: job.id })), badge, cancel),
     h("section", { class: "card big-progress" }, bar, phase, message),
+    results, layersBox,  // shown once the job has succeeded: the answer first
     h("div", { class: "row" },
       h("section", { class: "card" }, h("h2", { text: "Inputs" }), facts),
       h("section", { class: "card" }, h("h2", { text: "Downloads" }),
         h("table", { id: "artifacts" }, h("thead", {}, h("tr", {}, ["file", "size", "sha256", ""].map((t) => h("th", { text: t })))), artifactsBody))),
-    results, layersBox,
     h("section", { class: "card" }, h("h2", { text: "Log" }), logBox),
   );
   facts.append(
@@ -425,7 +429,9 @@ async function jobView(view, life, jobId) {
       h("td", { class: "mono", text: a.name }), h("td", { class: "num", text: fmt.bytes(a.size_bytes) }),
       h("td", { class: "mono", title: a.sha256, text: a.sha256.slice(0, 12) }),
       h("td", {}, h("button", { class: "secondary", type: "button", text: "Download",
-        onclick: guard(() => download(`jobs/${jobId}/artifacts/${encodeURIComponent(a.name)}`, a.name)) })))));
+        // redirect=false: the bytes come through the API even where the store presigns
+        // downloads (a 307 to the store is another host: this page may not fetch it).
+        onclick: guard(() => download(`jobs/${jobId}/artifacts/${encodeURIComponent(a.name)}?redirect=false`, a.name)) })))));
     if (!artifacts.length) artifactsBody.append(h("tr", {}, h("td", { colspan: 4, class: "notice", text: FINAL.has(job.status) ? "none" : "written when the job ends" })));
   }
 
@@ -523,9 +529,9 @@ async function sweepsView(view, life) {
   form.append(h("div", { class: "actions" }, submitButton(form, "Submit sweep")));
   const tbody = h("tbody");
   view.append(
-    h("section", { class: "card" }, h("h2", { text: "New sweep: methods × targets × seeds" }), form),
     h("section", { class: "card" }, h("h1", { text: "Sweeps" }), h("table", { id: "sweeps-table" },
       h("thead", {}, h("tr", {}, ["Sweep", "Status", "Jobs", "Created"].map((t) => h("th", { text: t })))), tbody)),
+    h("section", { class: "card" }, h("h2", { text: "New sweep: methods × targets × seeds" }), form),
   );
   const refresh = guard(async () => {
     const page = await api("sweeps?limit=50", { signal: life.signal });
