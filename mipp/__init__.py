@@ -24,6 +24,7 @@ _EXPORTS = {
     "Cancelled": "mipp.errors", "ConfigError": "mipp.errors", "DataError": "mipp.errors",
     "MippError": "mipp.errors", "ModelError": "mipp.errors",
     "PruneResult": "mipp.pipeline", "prune": "mipp.pipeline",
+    "method_names": "mipp.method_registry", "register_method": "mipp.method_registry",
     "evaluate": "mipp.training", "train": "mipp.training",
     "ModelSpec": "mipp.zoo", "build_model": "mipp.zoo", "load_weights": "mipp.zoo",
 }

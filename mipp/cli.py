@@ -129,7 +129,8 @@ def cmd_prune(args) -> int:
     from mipp.pipeline import prune
 
     overrides = dict(args.set)
-    fields = {"method": args.method, "mode": args.mode, "confidence": args.confidence,
+    fields = {"method": args.method, "allocation": args.allocation, "mode": args.mode,
+              "confidence": args.confidence,
               "tol": args.tol, "target": args.target, "path": args.path, "refit": not args.no_refit,
               "repeats": args.repeats, "calibration_samples": args.calibration_samples,
               "seed": args.seed, "device": args.device,
@@ -137,10 +138,6 @@ def cmd_prune(args) -> int:
     config = PruneConfig(**{k: v for k, v in fields.items() if v is not None}, **overrides)
     model = load_model_dir(args.model_dir, trust_code=args.trust_code)
     data = _load_data(args, model)
-    if args.mode == "at-init":
-        spec = model.zoo_spec
-        model = (spec.build(model.code_dir, seed=args.seed) if hasattr(model, "code_dir")
-                 else spec.build(seed=args.seed))
     bar = ProgressBar(not args.quiet)
     result = prune(model, data, config, spec=model.zoo_spec, progress=bar)
     bar.close()
@@ -262,9 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", parents=[common, trust], help="prune a model directory")
     p.add_argument("model_dir")
-    p.add_argument("--method", default="mipp", help="mipp, or a baseline: random, l1, taylor, "
-                                                   "thinet, snip, grasp, synflow")
-    p.add_argument("--mode", choices=["after-training", "at-init"], default="after-training")
+    from mipp.method_registry import method_names
+    p.add_argument("--method", default="mipp",
+                   help="mipp, or a baseline: " + ", ".join(method_names()[1:]))
+    p.add_argument("--allocation", help="how many units each layer keeps: auto (default), "
+                   "counts (with --set counts=JSON), uniform, global, or from:METHOD (e.g. "
+                   "from:mipp: MIPP decides how many, --method decides which)")
+    p.add_argument("--mode", choices=["after-training", "at-init"], default="after-training",
+                   help="at-init: the model is re-initialised from --seed, pruned, then trained")
     p.add_argument("--confidence", type=float, help="the paper's x in (0, 1) (default 0.9)")
     p.add_argument("--tol", type=float, help="fraction of a layer's MI that may be lost (default 0.05)")
     p.add_argument("--target", type=float, help="fraction of units to remove overall (0-1)")

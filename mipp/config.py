@@ -6,11 +6,12 @@ Every default here is a choice documented in docs/engine.md (and ../shared/mipp-
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-METHODS = ("mipp", "random", "l1", "taylor", "thinet", "snip", "grasp", "synflow")
+from mipp.method_registry import method_names
+
 # Devices a run may name: torch accepts more ("meta", "xla", ...), but the engine then fails
 # deep inside a run; refuse them here with the list.
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,2})?")
@@ -18,6 +19,30 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
 # Frozen, unknown fields refused, and NaN/Infinity refused: every bound below compares false
 # with NaN, and inf would pass a lower bound only.
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+ALLOCATION_PATTERN = re.compile(r"auto|counts|uniform|global|from:[A-Za-z0-9_-]{1,64}")
+
+
+def __getattr__(name: str):
+    # METHODS is read from the registry when asked for, so a method registered after this
+    # module was imported is listed too.
+    if name == "METHODS":
+        return method_names()
+    raise AttributeError(f"module 'mipp.config' has no attribute {name!r}")
+
+
+def _known_method(value: str) -> str:
+    if value not in method_names():
+        raise ValueError(f"method {value[:64]!r} is not one of {', '.join(method_names())}")
+    return value
+
+
+def _method_enum(schema: dict) -> None:
+    schema["enum"] = list(method_names())
+
+
+# A method name, checked against the registry when a config is validated (not when this module
+# is imported), with the registry's names as the JSON schema's enum.
+MethodName = Annotated[str, AfterValidator(_known_method), Field(json_schema_extra=_method_enum)]
 
 
 class TrainConfig(BaseModel):
@@ -50,6 +75,11 @@ class ReconstructorConfig(BaseModel):
     patience: int = Field(3, ge=1, le=10_000, description="Early-stopping patience on validation loss.")
     ordering_epochs: int = Field(
         30, ge=1, le=10_000, description="Budget of the single-unit predictors.")
+    compensate: bool = Field(
+        True, description="Start each masked fine-tune from a least-squares compensation.")
+    screen_keep: float = Field(
+        3.0, ge=0, le=1e6, description="Keep a unit without fine-tune when its compensated "
+        "loss increase exceeds this multiple of the threshold (0: always fine-tune).")
 
 
 class PruneConfig(BaseModel):
@@ -62,8 +92,14 @@ class PruneConfig(BaseModel):
 
     model_config = _STRICT
 
-    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
-        "mipp", description="Selection method: mipp or a baseline (" + ", ".join(METHODS[1:]) + ").")
+    method: MethodName = Field(
+        "mipp", description="Selection method: mipp or a baseline (the registry's names: "
+        "mipp.method_registry.method_names()).")
+    allocation: str = Field(
+        "auto", description="How many units each layer keeps: auto, counts, uniform, global or "
+        "from:<method> (docs/engine.md, Methods and allocation).")
+    counts: dict[str, Annotated[int, Field(ge=1, le=10_000_000)]] | None = Field(
+        None, max_length=10_000, description="Units to keep per layer, for allocation counts.")
     mode: Literal["after-training", "at-init"] = Field(
         "after-training", description="Prune a trained model, or at initialisation (then train).")
     confidence: float = Field(0.9, gt=0, lt=1, description="Confidence of the keep test (the paper's x).")
@@ -108,11 +144,38 @@ class PruneConfig(BaseModel):
             raise ValueError(f"device {value[:40]!r} is not one of auto, cpu, cuda, cuda:N, mps")
         return value
 
+    @field_validator("allocation")
+    @classmethod
+    def _allocation(cls, value: str) -> str:
+        if not ALLOCATION_PATTERN.fullmatch(value):
+            raise ValueError(f"allocation {value[:70]!r} is not one of auto, counts, uniform, "
+                             "global, from:<method>")
+        source = value.removeprefix("from:")
+        if value.startswith("from:") and source not in method_names():
+            raise ValueError(f"allocation {value!r}: {source!r} is not a method; use from: "
+                             f"one of {', '.join(method_names())}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> PruneConfig:
-        if self.method != "mipp" and self.target is None:
+        rule = self.allocation
+        if self.counts is not None and rule not in ("auto", "counts"):
+            raise ValueError(f"counts are given but allocation is {rule!r}; set allocation "
+                             "'counts' (or 'auto'), or drop counts")
+        if rule == "counts" and self.counts is None:
+            raise ValueError("allocation 'counts' needs `counts` (units to keep per layer, "
+                             'e.g. {"fc1": 30, "fc2": 10})')
+        if rule in ("uniform", "global") and self.target is None:
+            raise ValueError(f"allocation {rule!r} needs `target` (fraction of units to "
+                             "remove, 0-1)")
+        source = rule.removeprefix("from:") if rule.startswith("from:") else None
+        if source is not None and source != "mipp" and self.target is None:
+            raise ValueError(f"allocation {rule!r} needs `target`: {source!r} sets its "
+                             "per-layer counts from it; only `mipp` can choose its own ratio")
+        if self.method != "mipp" and self.target is None and self.counts is None \
+                and source is None:
             raise ValueError(
-                f"method {self.method!r} needs `target` (fraction of units to remove, 0-1); "
-                "only `mipp` can choose its own ratio"
+                f"method {self.method!r} needs `target` (fraction of units to remove, 0-1), "
+                "`counts`, or allocation 'from:mipp'; only `mipp` can choose its own ratio"
             )
         return self

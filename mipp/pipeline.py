@@ -20,16 +20,11 @@ from torch import nn
 
 from mipp.config import PruneConfig
 from mipp.errors import ConfigError, DataError
-from mipp.groups import (
-    UnitGroup,
-    apply_keep_sets,
-    execution_order,
-    find_unit_groups,
-    unprunable_layers,
-)
+from mipp.groups import UnitGroup, apply_keep_sets, execution_order, unprunable_layers
+from mipp.methods.allocation import prunable_groups, select
+from mipp.methods.context import SelectionContext
 from mipp.progress import Phase, ProgressCallback, no_progress
 from mipp.refit import refit_consumers
-from mipp.selection import SelectionContext, select
 from mipp.training import evaluate, resolve_device, train
 from mipp.zoo import ModelSpec
 
@@ -120,16 +115,22 @@ def prune(model: nn.Module, data, config: PruneConfig = PruneConfig(), *,
     """Prune `model` (left untouched) with `config.method` and return the smaller copy.
 
     data: a mipp.data.Dataset (x_train, y_train, x_test, y_test tensors). counts: units to
-    keep per layer, for baselines at another method's per-layer counts. after-training mode
-    evaluates the dense model, refits (if config.refit) and retrains; at-init mode trains the
-    pruned model from its initialisation with config.retrain. Raises ConfigError/DataError for
-    bad settings or data; mipp.errors.Cancelled propagates from `progress`.
+    keep per layer (the same as `config.counts`, which it replaces). after-training mode
+    evaluates the dense model, refits (if config.refit) and retrains; at-init mode
+    re-initialises the model from `config.seed` (its weights are not used), prunes it and
+    trains the pruned model with config.retrain. Raises ConfigError/DataError for bad settings
+    or data; mipp.errors.Cancelled propagates from `progress`.
     """
+    if counts is not None:
+        # Validated again, so that counts given here meet the same rules as config.counts.
+        config = PruneConfig.model_validate({**config.model_dump(), "counts": dict(counts)})
     spec = spec or getattr(model, "zoo_spec", None)
     _check_data(data, spec)
     device = resolve_device(config.device)
     timer = _Timer()
     torch.manual_seed(config.seed)
+    if config.mode == "at-init":
+        model = initialised(model, spec, config.seed)
     dense = copy.deepcopy(model).to(device).eval()
     example = data.x_train[:2].to(device)
     metrics: dict = {"method": config.method, "mode": config.mode, "device": str(device)}
@@ -138,7 +139,7 @@ def prune(model: nn.Module, data, config: PruneConfig = PruneConfig(), *,
     with timer.phase("evaluate_dense"):
         progress(Phase.EVALUATING, 0.0, "dense model")
         accuracy["dense"] = evaluate(dense, data.x_test, data.y_test, device=device)["accuracy"]
-    groups = find_unit_groups(dense, example, ignored=config.ignored_layers)
+    groups = prunable_groups(dense, example, config)
     if not groups:
         raise ConfigError("the model has no prunable layer (every Conv/Linear is ignored "
                           "or is the classifier)")
@@ -147,8 +148,7 @@ def prune(model: nn.Module, data, config: PruneConfig = PruneConfig(), *,
     n_calib = min(config.calibration_samples, data.x_train.shape[0])
     calib = torch.randperm(data.x_train.shape[0], generator=generator)[:n_calib]
     ctx = SelectionContext(model=dense, groups=groups, x=data.x_train[calib], y=data.y_train[calib],
-                           config=config, device=device, progress=progress,
-                           counts=dict(counts) if counts is not None else None)
+                           config=config, device=device, progress=progress)
     with timer.phase("selection"):
         selection = select(ctx)
 
@@ -202,6 +202,23 @@ def prune(model: nn.Module, data, config: PruneConfig = PruneConfig(), *,
                        details={"selection": selection.layers},
                        preprocessing=getattr(data, "preprocessing", None),
                        class_names=getattr(data, "class_names", None))
+
+
+def initialised(model: nn.Module, spec, seed: int) -> nn.Module:
+    """`model` at initialisation from `seed`, as mode="at-init" prunes it: rebuilt from its
+    zoo or code spec (the same weights `build_model(..., seed=seed)` gives), else a copy whose
+    modules' `reset_parameters` ran under that seed. `model` itself is left untouched."""
+    from mipp.custom import CodeSpec
+    if isinstance(spec, CodeSpec) and getattr(model, "code_dir", None) is not None:
+        return spec.build(model.code_dir, seed=seed)
+    if isinstance(spec, ModelSpec):
+        return spec.build(seed=seed)
+    fresh = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return fresh
 
 
 def _refit(pruned: nn.Module, dense: nn.Module, groups: list[UnitGroup], keep, history, x,

@@ -8,15 +8,17 @@ that removes `config.target` of the units); `select_mipp` runs one or the other.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from mipp.activations import capture_unit_activations
 from mipp.config import PruneConfig
-from mipp.methods.context import Selection, SelectionContext, register_selector, removed_fraction
+from mipp.method_registry import register_method
+from mipp.methods.context import Selection, SelectionContext, removed_fraction
 from mipp.progress import Phase
 from mipp.terc import LayerDecision, terc_select
 
@@ -24,8 +26,13 @@ log = logging.getLogger("mipp.selection")
 
 
 def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: torch.Tensor,
-               config: PruneConfig, report: Callable[[float, str], None]) -> dict[str, LayerDecision]:
-    """One TERC sweep over the network, from the output back to the input."""
+               config: PruneConfig, report: Callable[[float, str], None],
+               counts: Mapping[str, int] | None = None) -> dict[str, LayerDecision]:
+    """One TERC sweep over the network, from the output back to the input.
+
+    counts: units to keep per group (from the allocator); each decision is brought to its
+    count before the layer below is decided, so that layer reconstructs what is really kept.
+    """
     owner = {member: g.name for g in ctx.groups for member in g.members}
     decided: dict[str, LayerDecision] = {}
     total = sum(g.size for g in ctx.groups)
@@ -47,13 +54,41 @@ def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
                            removed=removed) -> None:
             report((done + fraction * group.size) / total,
                    f"{group.name}: {message}; {removed} units removed so far")
-        decided[group.name] = terc_select(x, y.to(ctx.device), config, seed=config.seed + index,
-                                          progress=layer_progress)
+        decision = terc_select(x, y.to(ctx.device), config, seed=config.seed + index,
+                               progress=layer_progress)
+        if counts is not None:
+            decision = _at_count(decision, counts[group.name])
+        decided[group.name] = decision
         done += group.size
     return decided
 
 
-@register_selector("mipp")
+@register_method("mipp", kind="chooses", decides_counts=True)
+def choose_mipp(ctx: SelectionContext, counts: Mapping[str, int] | None) -> Selection:
+    """MIPP: TERC on mutual information, from the output back; decides its own counts."""
+    if counts is None:
+        return select_mipp(ctx)
+    ctx.progress(Phase.CAPTURING, 0.0, "recording activations")
+    acts, logits = capture_unit_activations(ctx.model, ctx.groups, ctx.x, device=ctx.device)
+    decisions = _mipp_pass(ctx, acts, logits, ctx.config,
+                           lambda f, m: ctx.progress(Phase.SELECTING, f, m), counts=counts)
+    return _selection(decisions, ctx.config.tol)
+
+
+def _at_count(decision: LayerDecision, count: int) -> LayerDecision:
+    """`decision` with exactly `count` units kept: TERC's kept units first, the most
+    informative (latest in MI order) among them; then its pruned units, latest first.
+    Constant units rank lowest."""
+    ranking = [u for u in decision.constant if u not in decision.order] + list(decision.order)
+    ranking += [u for u in range(decision.size) if u not in set(ranking)]
+    kept = set(decision.kept)
+    preferred = [u for u in reversed(ranking) if u in kept] + \
+        [u for u in reversed(ranking) if u not in kept]
+    chosen = sorted(preferred[:count])
+    return dataclasses.replace(decision, kept=chosen,
+                               pruned=[u for u in range(decision.size) if u not in set(chosen)])
+
+
 def select_mipp(ctx: SelectionContext) -> Selection:
     """MIPP: TERC with MI ordering, layer by layer from the output back (spec steps 1-7).
 

@@ -1,4 +1,5 @@
-"""Baseline selectors: valid keep sets, the known answer on constructed weights, both modes."""
+"""Baselines through the allocator: valid keep sets, the known answer on constructed weights,
+both modes."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import copy
 import pytest
 import torch
 
-from mipp.baselines import (grasp_scores, keep_from_scores, snip_scores, synflow_scores,
-                            thinet_removal_order)
 from mipp.config import PruneConfig
 from mipp.groups import apply_keep_sets, find_unit_groups
-from mipp.selection import SELECTORS, SelectionContext, removed_fraction
+from mipp.methods.allocation import keep_global, select
+from mipp.methods.context import SelectionContext, removed_fraction
+from mipp.methods.grasp import grasp_scores
+from mipp.methods.snip import snip_scores
+from mipp.methods.synflow import synflow_scores
+from mipp.methods.thinet import thinet_removal_order
 from mipp.zoo import build_model
 
 BASELINES = ["random", "l1", "taylor", "thinet", "snip", "grasp", "synflow"]
@@ -35,8 +39,8 @@ def _convnet():
 def _context(model, shape, method, counts=None, target=0.5, seed=0):
     x, y = _data(shape)
     groups = find_unit_groups(model, x[:1])
-    return SelectionContext(model, groups, x, y, PruneConfig(method=method, target=target, seed=seed),
-                            counts=counts)
+    return SelectionContext(model, groups, x, y, PruneConfig(method=method, target=target,
+                                                             seed=seed, counts=counts))
 
 
 @pytest.mark.parametrize("build", [_mlp, _convnet], ids=["mlp", "conv"])
@@ -47,7 +51,7 @@ def test_every_method_keeps_exactly_the_requested_counts(build, method):
     x, _ = _data(shape)
     groups = find_unit_groups(model, x[:1])
     counts = {g.name: max(1, g.size // 3) for g in groups}
-    selection = SELECTORS[method](_context(model, shape, method, counts=counts))
+    selection = select(_context(model, shape, method, counts=counts))
 
     assert set(selection.keep) == {g.name for g in groups}
     for g in groups:
@@ -66,7 +70,7 @@ def test_every_method_keeps_exactly_the_requested_counts(build, method):
 def test_global_target_removes_about_the_target_fraction(method):
     model, shape = _convnet()
     ctx = _context(model, shape, method, target=0.6)
-    selection = SELECTORS[method](ctx)
+    selection = select(ctx)
     assert all(len(selection.keep[g.name]) >= 1 for g in ctx.groups)
     assert removed_fraction(ctx.groups, selection.keep) == pytest.approx(0.6, abs=0.03)
 
@@ -78,16 +82,16 @@ def test_l1_keeps_the_units_with_the_largest_weights():
         model.fc1.weight.fill_(0.01)
         model.fc1.weight[big] = 1.0
         model.fc2.weight.fill_(0.1)  # equal input columns: only fc1's rows decide
-    selection = SELECTORS["l1"](_context(model, shape, "l1", counts={"fc1": 3, "fc2": 8}))
+    selection = select(_context(model, shape, "l1", counts={"fc1": 3, "fc2": 8}))
     assert selection.keep["fc1"] == big
 
 
 def test_random_is_seeded_and_differs_across_seeds():
     model, shape = _mlp()
     counts = {"fc1": 6, "fc2": 3}
-    first = SELECTORS["random"](_context(model, shape, "random", counts=counts, seed=1)).keep
-    again = SELECTORS["random"](_context(model, shape, "random", counts=counts, seed=1)).keep
-    other = SELECTORS["random"](_context(model, shape, "random", counts=counts, seed=2)).keep
+    first = select(_context(model, shape, "random", counts=counts, seed=1)).keep
+    again = select(_context(model, shape, "random", counts=counts, seed=1)).keep
+    other = select(_context(model, shape, "random", counts=counts, seed=2)).keep
     assert first == again
     assert first != other
 
@@ -101,7 +105,7 @@ def test_thinet_keeps_the_units_that_feed_the_next_layer():
         mask = torch.zeros(16)
         mask[feeding] = 1.0
         model.fc2.weight.mul_(mask)  # the other units feed only zero weights
-    selection = SELECTORS["thinet"](_context(model, shape, "thinet", counts={"fc1": 4, "fc2": 8}))
+    selection = select(_context(model, shape, "thinet", counts={"fc1": 4, "fc2": 8}))
     assert selection.keep["fc1"] == feeding
 
 
@@ -114,8 +118,7 @@ def test_thinet_greedy_removes_cancelling_pairs_together():
     assert set(order) == {0, 1, 3}  # removing both of a cancelling pair costs nothing
 
 
-@pytest.mark.parametrize("scores_of", [snip_scores, grasp_scores,
-                                       lambda ctx: synflow_scores(ctx, rounds=5)[0]],
+@pytest.mark.parametrize("scores_of", [snip_scores, grasp_scores, synflow_scores],
                          ids=["snip", "grasp", "synflow"])
 def test_init_scores_have_the_group_shape_and_prefer_large_weights(scores_of):
     model, shape = _mlp()
@@ -133,9 +136,8 @@ def test_init_scores_have_the_group_shape_and_prefer_large_weights(scores_of):
 
 def test_global_ranking_never_empties_a_group():
     model, shape = _mlp()
-    ctx = _context(model, shape, "l1", target=0.9)
     scores = {"fc1": torch.ones(16), "fc2": torch.full((8,), 1e-9)}
     scores["fc2"][2] = 1e-3  # one unit far above its group's others: the normalised winner
-    keep = keep_from_scores(ctx, scores)
+    keep = keep_global(scores, 0.1, floors={"fc1": 1, "fc2": 1})
     assert len(keep["fc2"]) >= 1 and 2 in keep["fc2"]
     assert sum(map(len, keep.values())) == round(24 * 0.1)
