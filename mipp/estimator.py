@@ -59,15 +59,7 @@ class BatchedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask (B, d_in) of 0/1 hides input columns per model (applied to the weights)."""
-        w1 = self.w1 if mask is None else self.w1 * mask.unsqueeze(-1)
-        if x.dim() == 2:
-            # Input shared by every model: one (n, d_in) x (d_in, B*hidden) product, not B small ones.
-            n_models, d_in, width = w1.shape
-            hidden = (x @ w1.transpose(0, 1).reshape(d_in, n_models * width))
-            hidden = hidden.view(x.shape[0], n_models, width).transpose(0, 1) + self.b1
-        else:
-            hidden = torch.baddbmm(self.b1, x, w1)
-        return torch.baddbmm(self.b2, torch.relu(hidden), self.w2)
+        return _forward([self.w1, self.b1, self.w2, self.b2], x, mask)
 
     def tiled(self, times: int) -> BatchedMLP:
         """A copy with every model repeated `times` times, consecutively:
@@ -98,43 +90,117 @@ def evaluate(mlps: BatchedMLP, x: torch.Tensor, y: torch.Tensor,
     return total / x.shape[0]
 
 
-def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float,
-        batch_size: int, generator: torch.Generator, mask: torch.Tensor | None = None,
-        x_per_model: bool = False) -> torch.Tensor:
-    """Train every model with Adam on MSE, early stopping each on its validation loss.
+def epoch_orders(n: int, epochs: int, seed: int, device: torch.device | str = "cpu"
+                 ) -> list[torch.Tensor]:
+    """The minibatch order of each epoch, fixed by `seed` alone.
 
+    Every fit that is given the same orders sees the same minibatches, however many models it
+    trains at once and wherever it sits in a run: the sequential and the batched paths then
+    give each model the same trajectory (up to float rounding), and a masked fine-tune and its
+    control differ by the mask only.
+    """
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=g).to(device) for _ in range(epochs)]
+
+
+def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float,
+        batch_size: int, generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None, x_per_model: bool = False,
+        orders: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Train every model with Adam on MSE, early stopping each on its own validation loss.
+
+    Each model stops on its own: once it has waited `patience` epochs without improving it
+    takes no more optimiser steps and its best loss no longer changes, exactly as if it had
+    been fitted alone (stopped models leave the batch, so the batch also gets cheaper).
     mask: (B, d_in) of 0/1, the input columns each model may see (masked columns are set to 0,
     the mean of a standardised column). x_per_model: split.x_* are (B, n, d_in), one input per
-    model (the single-unit predictors). On return every model holds its best-validation weights;
-    returns those validation losses, (B,).
+    model (the single-unit predictors). orders: the minibatch order per epoch (see
+    `epoch_orders`; at least `epochs` of them); else drawn from `generator`. On return every
+    model holds its best-validation weights; returns those validation losses, (B,).
     """
-    opt = torch.optim.Adam(mlps.parameters(), lr=lr)
     n = split.x_train.shape[-2]
+    device = split.x_train.device
+    params = [p.detach().clone().requires_grad_(True) for p in mlps.parameters()]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    best_params = [p.detach().clone() for p in params]
     best = evaluate_split(mlps, split, mask, x_per_model)
-    best_params = [p.detach().clone() for p in mlps.parameters()]
-    waited = torch.zeros_like(best)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(split.x_train.device)
+    alive = torch.arange(mlps.n_models, device=device)  # global index of each model still training
+    waited = torch.zeros(mlps.n_models, dtype=torch.long, device=device)
+    x_train, x_val, m = split.x_train, split.x_val, mask
+    beta1, beta2, eps, step = 0.9, 0.999, 1e-8, 0
+    for epoch in range(epochs):
+        if orders is not None:
+            order = orders[epoch]
+        else:
+            order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            xb = split.x_train[:, idx] if x_per_model else split.x_train[idx]
-            loss = per_model_loss(mlps(xb, mask), split.y_train[idx]).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        val = evaluate_split(mlps, split, mask, x_per_model)
-        improved = val < best
-        best = torch.where(improved, val, best)
-        waited = torch.where(improved, torch.zeros_like(waited), waited + 1)
+            xb = x_train[:, idx] if x_per_model else x_train[idx]
+            loss = per_model_loss(_forward(params, xb, m), split.y_train[idx]).sum()
+            grads = torch.autograd.grad(loss, params)
+            step += 1
+            # Adam (torch.optim.Adam's update, written out so that a subset of models can
+            # leave the batch with its moments).
+            correction1, correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+            with torch.no_grad():
+                for p, g, (m1, m2) in zip(params, grads, moments):
+                    m1.mul_(beta1).add_(g, alpha=1 - beta1)
+                    m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    denom = (m2 / correction2).sqrt_().add_(eps)
+                    p.addcdiv_(m1, denom, value=-lr / correction1)
         with torch.no_grad():
-            for saved, p in zip(best_params, mlps.parameters()):
-                saved[improved] = p[improved]
-        if bool((waited >= patience).all()):
-            break
+            if x_per_model:
+                val = per_model_loss(_forward(params, x_val), split.y_val)
+            else:
+                val = _evaluate_params(params, x_val, split.y_val, m)
+            improved = val < best[alive]
+            best[alive] = torch.where(improved, val, best[alive])
+            waited[alive] = torch.where(improved, 0, waited[alive] + 1)
+            if bool(improved.any()):
+                rows = alive[improved]
+                for saved, p in zip(best_params, params):
+                    saved[rows] = p[improved]
+            still = waited[alive] < patience
+            if not bool(still.any()):
+                break
+            if not bool(still.all()):  # stopped models leave the batch: no more steps for them
+                alive = alive[still]
+                params = [p.detach()[still].clone().requires_grad_(True) for p in params]
+                moments = [(m1[still].clone(), m2[still].clone()) for m1, m2 in moments]
+                if x_per_model:
+                    x_train, x_val = x_train[still], x_val[still]
+                if m is not None:
+                    m = m[still]
     with torch.no_grad():
         for saved, p in zip(best_params, mlps.parameters()):
             p.copy_(saved)
     return best
+
+
+def _forward(params: list[torch.Tensor], x: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """BatchedMLP.forward on explicit (w1, b1, w2, b2)."""
+    w1, b1, w2, b2 = params
+    if mask is not None:
+        w1 = w1 * mask.unsqueeze(-1)
+    if x.dim() == 2:
+        # Input shared by every model: one (n, d_in) x (d_in, B*hidden) product, not B small ones.
+        n_models, d_in, width = w1.shape
+        hidden = x @ w1.transpose(0, 1).reshape(d_in, n_models * width)
+        hidden = hidden.view(x.shape[0], n_models, width).transpose(0, 1) + b1
+    else:
+        hidden = torch.baddbmm(b1, x, w1)
+    return torch.baddbmm(b2, torch.relu(hidden), w2)
+
+
+@torch.no_grad()
+def _evaluate_params(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                     mask: torch.Tensor | None, chunk: int = 4096) -> torch.Tensor:
+    total = torch.zeros(params[0].shape[0], device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        total += per_model_loss(_forward(params, xb, mask), yb) * xb.shape[0]
+    return total / x.shape[0]
 
 
 def evaluate_split(mlps: BatchedMLP, split: Split, mask: torch.Tensor | None = None,
@@ -197,3 +263,55 @@ def standardise(a: torch.Tensor, std_floor: float) -> tuple[torch.Tensor, torch.
     floor = std_floor * live.median() if live.numel() else torch.tensor(1.0)
     scale = torch.where(constant, torch.ones_like(std), std.clamp_min(float(floor)))
     return (a - mean) / scale, constant
+
+
+class Compensator:
+    """Closed-form compensation of masked inputs in a reconstructor's first layer.
+
+    Masking columns S of x removes x_S @ W1[S] from the first hidden layer's pre-activation.
+    Least squares on the training rows re-expresses x_S through the kept columns K,
+    x_S ~ x_K @ A + a0, so W1[K] += A @ W1[S] and b1 += a0 @ W1[S] keep the pre-activation (the
+    refit's algebra, inside the estimator). An exact or scaled copy, or a sum of kept units, is
+    then compensated exactly and its masked loss starts at the unmasked one; an informative unit
+    is not, and starts higher. A small ridge (`ridge` x the mean variance) keeps A defined when
+    the kept columns are collinear (both copies of a pair kept).
+
+        comp = Compensator(split.x_train)
+        start = comp.apply(models, removed=[3, 7])   # a compensated copy of `models`
+    """
+
+    def __init__(self, x_train: torch.Tensor, ridge: float = 1e-4):
+        self.mean = x_train.mean(0)
+        centred = x_train - self.mean
+        self.cov = centred.T @ centred / max(1, x_train.shape[0] - 1)
+        self.ridge = ridge * float(self.cov.diagonal().mean().clamp_min(1e-12))
+
+    def coefficients(self, removed: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kept K, removed S, A (|K|, |S|), a0 (|S|,)) for the removal set `removed`; K and S
+        are sorted index tensors (A's rows and columns follow them)."""
+        d = self.cov.shape[0]
+        drop = torch.zeros(d, dtype=torch.bool, device=self.cov.device)
+        drop[removed] = True
+        kept, gone = torch.nonzero(~drop).flatten(), torch.nonzero(drop).flatten()
+        gram = self.cov[kept][:, kept] + self.ridge * torch.eye(len(kept), device=self.cov.device)
+        a = torch.linalg.solve(gram, self.cov[kept][:, gone])
+        a0 = self.mean[gone] - self.mean[kept] @ a
+        return kept, gone, a, a0
+
+    def apply(self, mlps: BatchedMLP, removed_sets: list[list[int]]) -> BatchedMLP:
+        """A copy of `mlps` (len(removed_sets) x R models, block b = models b*R..b*R+R-1) with
+        each block's first layer compensated for its removal set."""
+        out = mlps.copy()
+        per_block = mlps.n_models // len(removed_sets)
+        with torch.no_grad():
+            for b, removed in enumerate(removed_sets):
+                if not removed:
+                    continue
+                kept, gone, a, a0 = self.coefficients(removed)
+                rows = slice(b * per_block, (b + 1) * per_block)
+                w_gone = out.w1[rows][:, gone]                    # (R, |S|, H)
+                out.w1[rows, kept] += torch.matmul(a, w_gone)     # (R, |K|, H)
+                out.b1[rows] += torch.matmul(a0, w_gone).unsqueeze(1)
+                out.w1[rows, gone] = 0
+        return out

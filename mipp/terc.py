@@ -23,8 +23,8 @@ import torch
 from scipy import stats
 
 from mipp.config import PruneConfig
-from mipp.estimator import (BatchedMLP, Split, empty_loss, evaluate_split, fit, hidden_width,
-                            split_rows, standardise)
+from mipp.estimator import (BatchedMLP, Compensator, Split, empty_loss, epoch_orders,
+                            evaluate_split, fit, hidden_width, split_rows, standardise)
 
 
 @dataclass
@@ -46,13 +46,14 @@ class LayerDecision:
     mi: float
     units: list[dict] = field(default_factory=list)
     fits: int = 0
+    screened: int = 0
     seconds: float = 0.0
 
     def summary(self) -> dict:
         return {"units_before": self.size, "units_after": len(self.kept),
                 "constant_units": len(self.constant), "loss_empty": self.loss_empty,
                 "loss_ref": self.loss_ref, "mi_estimate": self.mi,
-                "candidate_fits": self.fits, "seconds": round(self.seconds, 3)}
+                "candidate_fits": self.fits, "screened_tests": self.screened, "seconds": round(self.seconds, 3)}
 
 
 class _Test:
@@ -87,80 +88,112 @@ def _unit_order(split: Split, units: list[int], config: PruneConfig,
 
 
 def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: int = 0,
-                progress: Callable[[float, str], None] | None = None) -> LayerDecision:
+                progress: Callable[[float, str], None] | None = None,
+                memo: dict | None = None) -> LayerDecision:
     """Decide which columns (units) of x to prune so that y stays reconstructable.
 
     x: (n, d_in) activations of the layer's units; y: (n, d_out) the next layer's kept
     activations (or the logits). Constant units are pruned up front; the last remaining unit is
-    never pruned. Raises ValueError if x and y have different row counts.
+    never pruned. memo: an empty dict, or one filled by an earlier call with the same x, y,
+    seed and config except `tol`: the reference fit, the ordering and every masked fine-tune
+    are then reused (a target search re-walks a layer at another tol for the cost of the tests
+    that differ). Raises ValueError if x and y have different row counts.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
     started = time.perf_counter()
     progress = progress or (lambda fraction, message: None)
+    memo = {} if memo is None else memo
+    if "layer" not in memo:
+        progress(0.0, "reference fit")
+        memo["layer"] = _prepare_layer(x, y, config, seed)
+        memo["results"] = {}
+    layer: _Layer = memo["layer"]
+    results_memo: dict[tuple[int, ...], tuple[torch.Tensor, bool]] = memo["results"]
     rc = config.reconstructor
-    generator = torch.Generator().manual_seed(seed)
-    d = x.shape[1]
-    xs, constant_mask = standardise(x.float(), config.std_floor)
-    ys, y_constant = standardise(y.float(), config.std_floor)
-    ys = ys[:, ~y_constant] if bool((~y_constant).any()) else ys
-    constant = torch.nonzero(constant_mask).flatten().tolist()
-    # Layer-collapse guard: constant units go, but never below the floor (at least one unit).
-    floor = min(d, config.min_units)
-    pruned = constant[:max(0, d - floor)] if len(constant) > d - floor else list(constant)
-    live = [i for i in range(d) if i not in set(pruned)]  # constants kept by the floor included
-
-    split = split_rows(xs, ys, config.val_fraction, generator)
-    loss_empty = empty_loss(split)
-    fit_kw = dict(patience=rc.patience, lr=rc.lr, batch_size=rc.batch_size, generator=generator)
-    reference = BatchedMLP.create(config.repeats, d, hidden_width(ys.shape[1], rc.hidden_cap),
-                                  ys.shape[1], generator=generator, device=xs.device)
-    progress(0.0, "reference fit")
-    fit(reference, split, epochs=rc.epochs, **fit_kw)
-    # The control: the same short fine-tune without a mask, so that d measures the mask only.
-    control = reference.copy()
-    if config.control:
-        loss_ref_r = fit(control, split, epochs=rc.finetune_epochs, **fit_kw)
-    else:
-        loss_ref_r = evaluate_split(control, split)
-    loss_ref = float(loss_ref_r.mean())
-    mi = loss_empty - loss_ref
-    scale = mi if config.tol_scale == "mi" else loss_ref
-    threshold = config.tol * max(scale, 0.0)
-
-    progress(0.05, "MI ordering")
-    order = _unit_order(split, live, config, generator)
-    decision = LayerDecision(size=d, kept=[], pruned=pruned, constant=constant, order=order,
-                             loss_empty=loss_empty, loss_ref=loss_ref, mi=mi)
+    d, split, reference, loss_ref_r = layer.d, layer.split, layer.reference, layer.loss_ref_r
+    floor = layer.floor
+    scale = layer.mi if config.tol_scale == "mi" else layer.loss_ref
+    scale = max(scale, 0.0)
+    threshold = config.tol * scale
+    fit_kw = dict(patience=rc.patience, lr=rc.lr, batch_size=rc.batch_size, orders=layer.orders)
+    decision = LayerDecision(size=d, kept=[], pruned=list(layer.pruned), constant=layer.constant,
+                             order=layer.order, loss_empty=layer.loss_empty,
+                             loss_ref=layer.loss_ref, mi=layer.mi)
     test = _Test(config)
+    device = split.x_train.device
 
     def masks_for(sets: list[list[int]]) -> torch.Tensor:
-        mask = torch.ones(len(sets) * config.repeats, d, device=xs.device)
+        mask = torch.ones(len(sets) * config.repeats, d, device=device)
         for b, removed in enumerate(sets):
             mask[b * config.repeats:(b + 1) * config.repeats, removed] = 0
         return mask
 
-    def run(sets: list[list[int]]) -> torch.Tensor:
-        """Masked fine-tunes for each removal set, all as one batched model; (len(sets), R)."""
+    def starts(sets: list[list[int]]) -> BatchedMLP:
+        """Each set's R starting models: the reference, compensated for the set (or as is)."""
         models = reference.tiled(len(sets))
-        losses = fit(models, split, epochs=rc.finetune_epochs, mask=masks_for(sets), **fit_kw)
-        decision.fits += len(sets)
-        return losses.view(len(sets), config.repeats) - loss_ref_r.unsqueeze(0)
+        return layer.compensator.apply(models, sets) if rc.compensate else models
 
-    def run_one_by_one(removed: list[int]) -> torch.Tensor:
-        """The reference path: one removal set, the R repeats fitted one after another; (1, R)."""
-        mask = masks_for([removed])[:1]
-        losses = [fit(reference.pick(r), split, epochs=rc.finetune_epochs, mask=mask, **fit_kw)
-                  for r in range(config.repeats)]
-        decision.fits += 1
-        return (torch.cat(losses) - loss_ref_r).unsqueeze(0)
+    def screen(start: BatchedMLP, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compensated loss increases (len(sets), R) and which sets need no fine-tune.
 
-    def record(unit: int, d_unit: torch.Tensor) -> bool:
+        A fine-tune keeps its best weights, the start included, so it can only lower d: a set
+        whose every d is already at or under the threshold prunes whatever the fine-tune does
+        (exact). A set whose increase over the reference's own loss (before any fine-tune: the
+        control's gain is what a fine-tune recovers anyway) is above `screen_keep` x the
+        threshold with confidence x is kept without one (a heuristic, docs/engine.md)."""
+        start_loss = evaluate_split(start, split, mask).view(-1, config.repeats)
+        d_start = start_loss - loss_ref_r.unsqueeze(0)
+        done = d_start.max(1).values <= threshold
+        if rc.screen_keep > 0 and threshold > 0:
+            gap = start_loss - layer.loss_start_r.unsqueeze(0)
+            lower = gap.mean(1) - test.critical * gap.std(1) / test.sqrt_r
+            done |= lower > rc.screen_keep * threshold
+        return d_start, done
+
+    def run(sets: list[list[int]]) -> list[tuple[torch.Tensor, bool]]:
+        """d (R,) and whether it was fine-tuned, per removal set; memoised by set."""
+        keys = [tuple(sorted(s)) for s in sets]
+        todo = [i for i, k in enumerate(keys) if k not in results_memo]
+        if todo:
+            new_sets = [sets[i] for i in todo]
+            mask = masks_for(new_sets)
+            start = starts(new_sets)
+            d_start, done = screen(start, mask)
+            tune = [j for j in range(len(new_sets)) if not bool(done[j])]
+            tuned: dict[int, torch.Tensor] = {}
+            if tune and config.path == "sequential":
+                # The reference path: each of the R repeats of each set fitted alone.
+                for j in tune:
+                    block = slice(j * config.repeats, (j + 1) * config.repeats)
+                    losses = [fit(start.pick(j * config.repeats + r), split, epochs=rc.finetune_epochs,
+                                  mask=mask[block][r:r + 1], **fit_kw)
+                              for r in range(config.repeats)]
+                    tuned[j] = torch.cat(losses) - loss_ref_r
+            elif tune:
+                rows = torch.cat([torch.arange(j * config.repeats, (j + 1) * config.repeats)
+                                  for j in tune]).to(device)
+                models = BatchedMLP(*(p.detach()[rows].clone() for p in start.parameters()))
+                losses = fit(models, split, epochs=rc.finetune_epochs, mask=mask[rows], **fit_kw)
+                for k, j in enumerate(tune):
+                    tuned[j] = (losses[k * config.repeats:(k + 1) * config.repeats] - loss_ref_r)
+            for j, i in enumerate(todo):
+                results_memo[keys[i]] = (tuned.get(j, d_start[j]), j in tuned)
+                decision.fits += int(j in tuned)
+                decision.screened += int(j not in tuned)
+        return [results_memo[k] for k in keys]
+
+    def record(unit: int, d_unit: torch.Tensor, tuned: bool) -> bool:
         keep, mean, sd = test.keep(d_unit, threshold)
+        statistic = mean - test.critical * sd / test.sqrt_r
+        # flip_tol: the tol at which this test would change its answer (the target search
+        # sets tol from these); nan when the layer has no MI to scale by.
         decision.units.append({"unit": unit, "mean_d": mean, "sd_d": sd,
-                               "threshold": threshold, "kept": keep})
+                               "threshold": threshold, "kept": keep, "finetuned": tuned,
+                               "flip_tol": statistic / scale if scale > 0 else float("nan")})
         return keep
 
+    order = layer.order
     position, recent = 0, []
     while position < len(order):
         progress(0.1 + 0.9 * position / len(order), f"unit {position + 1}/{len(order)}")
@@ -176,12 +209,9 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
             sets = [decision.pruned + block[:k + 1] for k in range(len(block))]
         else:
             sets = [decision.pruned + [c] for c in block]
-        if config.path == "sequential":
-            results = torch.cat([run_one_by_one(s) for s in sets])
-        else:
-            results = run(sets)
+        results = run(sets)
         for k, unit in enumerate(block):
-            keep = record(unit, results[k])
+            keep = record(unit, *results[k])
             position += 1
             recent.append(keep)
             if keep:
@@ -196,6 +226,67 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     decision.pruned = sorted(decision.pruned)
     decision.seconds = time.perf_counter() - started
     return decision
+
+
+@dataclass
+class _Layer:
+    """What a layer's walk needs, whatever the tol: fits that a target search reuses."""
+
+    d: int
+    split: Split
+    reference: BatchedMLP
+    loss_ref_r: torch.Tensor
+    loss_start_r: torch.Tensor
+    loss_empty: float
+    loss_ref: float
+    mi: float
+    order: list[int]
+    pruned: list[int]
+    constant: list[int]
+    floor: int
+    orders: list[torch.Tensor]
+    compensator: Compensator
+
+
+def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: int) -> _Layer:
+    """Standardise, split, fit the reference and the control, order the units (steps 3-6)."""
+    rc = config.reconstructor
+    generator = torch.Generator().manual_seed(seed)
+    d = x.shape[1]
+    xs, constant_mask = standardise(x.float(), config.std_floor)
+    ys, y_constant = standardise(y.float(), config.std_floor)
+    ys = ys[:, ~y_constant] if bool((~y_constant).any()) else ys
+    constant = torch.nonzero(constant_mask).flatten().tolist()
+    # Layer-collapse guard: constant units go, but never below the floor (at least one unit).
+    floor = min(d, config.min_units)
+    pruned = constant[:max(0, d - floor)] if len(constant) > d - floor else list(constant)
+    live = [i for i in range(d) if i not in set(pruned)]  # constants kept by the floor included
+
+    split = split_rows(xs, ys, config.val_fraction, generator)
+    loss_empty = empty_loss(split)
+    reference = BatchedMLP.create(config.repeats, d, hidden_width(ys.shape[1], rc.hidden_cap),
+                                  ys.shape[1], generator=generator, device=xs.device)
+    fit(reference, split, epochs=rc.epochs, patience=rc.patience, lr=rc.lr,
+        batch_size=rc.batch_size, generator=generator)
+    # Every fine-tune of this layer (the control and each masked copy) sees the same
+    # minibatches, drawn once from the seed: then d measures the mask alone, and a fit gets the
+    # same budget and the same batches whichever path runs it and whichever block it sits in.
+    orders = epoch_orders(split.x_train.shape[0], rc.finetune_epochs, seed + 7919, xs.device)
+    # The control: the same short fine-tune without a mask, so that d measures the mask only.
+    control = reference.copy()
+    loss_start_r = evaluate_split(reference, split)
+    if config.control:
+        loss_ref_r = fit(control, split, epochs=rc.finetune_epochs, patience=rc.patience,
+                         lr=rc.lr, batch_size=rc.batch_size, orders=orders)
+    else:
+        loss_ref_r = evaluate_split(control, split)
+    loss_ref = float(loss_ref_r.mean())
+    order = _unit_order(split, live, config, generator)
+    return _Layer(d=d, split=split, reference=reference, loss_ref_r=loss_ref_r,
+                  loss_start_r=loss_start_r,
+                  loss_empty=loss_empty, loss_ref=loss_ref, mi=loss_empty - loss_ref,
+                  order=order, pruned=pruned, constant=constant, floor=floor, orders=orders,
+                  compensator=Compensator(split.x_train))
 
 
 def _mode(config: PruneConfig, recent: list[bool]) -> str:
