@@ -699,7 +699,7 @@ def plots(rows: list[dict], prefix: str) -> list[Path]:
         mine = [r for r in pat if (r["dataset"], r["arch"]) == (dataset, arch)]
         budget = max({r["budget"] for r in mine}, key=float)
         fig, ax = plt.subplots(figsize=(6, 4))
-        for choice in CHOICES:
+        for dodge, choice in enumerate(CHOICES):
             points = defaultdict(list)
             for r in mine:
                 if r["choice"] == choice and r["budget"] == budget:
@@ -707,15 +707,21 @@ def plots(rows: list[dict], prefix: str) -> list[Path]:
             if not points:
                 continue
             xs = sorted(points)
-            removed = [100 * statistics.mean(r["removed_fraction"] for r in points[f]) for f in xs]
+            # Shifted by 0.2 points per method so that intervals at one fraction do not overlap.
+            removed = [100 * statistics.mean(r["removed_fraction"] for r in points[f])
+                       + 0.2 * (dodge - 2) for f in xs]
             accs = [[100 * r["acc_retrained"] for r in points[f]] for f in xs]
             mean = [statistics.mean(a) for a in accs]
             half = [(_t975(len(a) - 1) * statistics.stdev(a) / math.sqrt(len(a))) if len(a) > 1
                     else 0.0 for a in accs]
-            ax.plot(removed, mean, marker="o", label=choice)
+            line, = ax.plot(removed, mean, marker="o", label=choice)
+            # The band is the seeds' 95% interval; with one fraction only a bar shows it.
             ax.fill_between(removed, [m - h for m, h in zip(mean, half)],
-                            [m + h for m, h in zip(mean, half)], alpha=0.2)
-        ax.set_xlabel("units removed (%)")
+                            [m + h for m, h in zip(mean, half)], alpha=0.2, color=line.get_color())
+            if len(xs) == 1:
+                ax.errorbar(removed, mean, yerr=half, capsize=4, color=line.get_color())
+        ax.set_ylim(max(0, ax.get_ylim()[0]), 100)  # a 2-seed interval can reach past 100%
+        ax.set_xlabel("units removed (%; methods shifted ±0.4 apart for legibility)")
         ax.set_ylabel("test accuracy after retraining (%)")
         seeds = len({r["seed"] for r in mine})
         ax.set_title(f"{dataset} {arch}: MIPP's counts, refit on, retrain "
@@ -732,9 +738,13 @@ def plots(rows: list[dict], prefix: str) -> list[Path]:
         if r["arm"] == "after-training" and r["allocation"] == "mipp" and r["refit"] \
                 and r["budget"] == min({x["budget"] for x in rows if x["arm"] == "after-training"}, key=float):
             cost[r["choice"]].append(r["selection_s"])
+    for r in rows:  # the allocation rules' own cost (one row per seed x fraction)
+        if r["arm"] == "after-training" and r["choice"] == "l1" and r["refit"] \
+                and r["allocation"] in ("global", "sensitivity"):
+            cost[f"{r['allocation']} alloc."].append(r["allocation_s"])
     if cost:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        names = [c for c in CHOICES if c in cost]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = [c for c in [*CHOICES, "global alloc.", "sensitivity alloc."] if c in cost]
         means = [statistics.mean(cost[c]) for c in names]
         sds = [statistics.stdev(cost[c]) if len(cost[c]) > 1 else 0 for c in names]
         ax.bar(names, means, yerr=sds, capsize=4)
