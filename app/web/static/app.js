@@ -101,7 +101,7 @@ async function request(path, { method = "GET", json, form, signal } = {}) {
         message += ": " + err.errors.map((e) => `${e.loc.join(".")}: ${e.msg}`).join("; ");
       }
     } catch (_) { /* not JSON: keep the status line */ }
-    if (response.status === 401) signOut(`Signed out: ${message}`);
+    if (response.status === 401) signOut(`The API refused this key: ${message}`);
     throw new ApiError(response.status, message);
   }
   return response;
