@@ -1,17 +1,19 @@
 """A small CNN the zoo does not have: a residual block, a depthwise-separable branch
 concatenated with a plain 3x3 branch, a grouped convolution (which mipp leaves alone), global
 average pooling and a linear classifier. Used as an uploaded architecture in the tests and the
-benchmark (`factory="rescat_cnn:build"`)."""
+benchmark (`factory="rescat_cnn:build"`). `pool` > 1 max-pools after the stem, so that on 28x28
+images (MNIST) the 3x3 layers see most of the digit and cost 1/pool^2 of the MACs."""
 
 import torch
 from torch import nn
 
 
 class ResCatNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, width: int):
+    def __init__(self, in_channels: int, num_classes: int, width: int, pool: int = 1):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
+                                  nn.BatchNorm2d(width), nn.ReLU(),
+                                  *([nn.MaxPool2d(pool)] if pool > 1 else []))
         self.res_conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
         self.res_bn1 = nn.BatchNorm2d(width)
         self.res_relu1 = nn.ReLU()
@@ -41,5 +43,6 @@ class ResCatNet(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
-def build(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> nn.Module:
-    return ResCatNet(in_channels, num_classes, width)
+def build(in_channels: int = 1, num_classes: int = 10, width: int = 16,
+          pool: int = 1) -> nn.Module:
+    return ResCatNet(in_channels, num_classes, width, pool)
