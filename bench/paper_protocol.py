@@ -22,10 +22,14 @@ so a row's fraction is MIPP's. The allocations (units kept per layer):
                L1 first, no refit) and the calibration loss increase is measured; then units
                are removed greedily from the layer whose next scan step costs the least loss
                per unit removed (linear within a step) until the fraction is reached.
-The choice of units then picks which units of each layer go, at those counts. MIPP's choice at
-counts other than its own ranks a layer's units as TERC left them: units TERC kept (most
-informative first, by its MI ordering), then the units it pruned (latest-tested first), then
-the constant units; at MIPP's own counts this is exactly MIPP's selection.
+The choice of units then picks which units of each layer go, at those counts (the engine's
+allocator, `PruneConfig(allocation="counts", counts=...)`, mipp/methods/allocation.py). MIPP's
+choice at counts other than its own is the engine's: one TERC pass at the tol of MIPP's own
+selection, each layer brought to its count before the layer below is decided (mipp/methods/
+mipp.py `_at_count`: TERC's kept units first, most informative first, then its pruned ones);
+that pass is its selection cost. Rows written before this script used the engine's allocator
+(field `code` missing) ranked MIPP's units the same way but from MIPP's own pass, without a new
+pass (`mipp_at_counts: "own-pass"`).
 
     python bench/paper_protocol.py --quick            # < 15 min on 2 quiet cores (MNIST LeNet-5)
     python bench/paper_protocol.py --full             # resumable; hours on CPU
@@ -57,12 +61,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dense_models  # noqa: E402
 import mipp  # noqa: E402
-from mipp.baselines import keep_from_scores, l1_scores  # noqa: E402
 from mipp.config import PruneConfig, ReconstructorConfig, TrainConfig  # noqa: E402
 from mipp.data import load_dataset  # noqa: E402
-from mipp.groups import apply_keep_sets, find_unit_groups  # noqa: E402
+from mipp.groups import apply_keep_sets  # noqa: E402
+from mipp.methods.allocation import keep_global, prunable_groups, select  # noqa: E402
+from mipp.methods.context import SelectionContext  # noqa: E402
+from mipp.methods.l1 import l1_scores  # noqa: E402
 from mipp.pipeline import _refit  # noqa: E402
-from mipp.selection import SelectionContext, select  # noqa: E402
 from mipp.training import evaluate, resolve_device  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -140,9 +145,9 @@ def _fix_total(groups, counts: dict[str, int], n_keep: int) -> None:
 
 
 def global_counts(ctx: SelectionContext, n_remove: int) -> dict[str, int]:
-    """Torch-Pruning's global rule with L1 scores (the engine's keep_from_scores)."""
+    """Torch-Pruning's global rule with L1 scores (the engine's keep_global, floor 1 unit)."""
     total = sum(g.size for g in ctx.groups)
-    keep = keep_from_scores(ctx, l1_scores(ctx), keep_fraction=1 - n_remove / total)
+    keep = keep_global(l1_scores(ctx), 1 - n_remove / total, {g.name: 1 for g in ctx.groups})
     counts = {name: len(k) for name, k in keep.items()}
     _fix_total(ctx.groups, counts, total - n_remove)
     return counts
@@ -205,20 +210,6 @@ def sensitivity_counts(groups, scan: dict[str, list[tuple[int, float]]], n_remov
     return {g.name: g.size - removed[g.name] for g in groups}
 
 
-def mipp_keep_at(groups, mipp_sel: dict, counts: dict[str, int]) -> dict[str, list[int]]:
-    """MIPP's units at other counts: TERC-kept (most informative first), then TERC-pruned
-    (latest tested first), then constants; the first count[g] of this ranking stay."""
-    keep = {}
-    for g in groups:
-        kept = set(mipp_sel["keep"][g.name])
-        order = mipp_sel["order"].get(g.name, [])
-        ranked = ([u for u in reversed(order) if u in kept]
-                  + [u for u in reversed(order) if u not in kept])
-        ranked += [u for u in range(g.size) if u not in set(ranked)]
-        keep[g.name] = sorted(ranked[:counts[g.name]])
-    return keep
-
-
 # ---------------------------------------------------------------------------------------------
 # Running
 
@@ -233,7 +224,7 @@ class Model:
         self.dense_epochs = info["epochs"]
         self.recipe = TrainConfig(**info["recipe"])
         self.example = data.x_train[:2].to(device)
-        self.groups = find_unit_groups(self.dense, self.example)
+        self.groups = prunable_groups(self.dense, self.example, PruneConfig())
         self.total = sum(g.size for g in self.groups)
         # The pipeline's own draw (mipp.pipeline.prune): randperm seeded by the run's seed.
         generator = torch.Generator().manual_seed(seed)
@@ -244,8 +235,10 @@ class Model:
         self.scan_s = 0.0
 
     def ctx(self, config: PruneConfig, counts=None) -> SelectionContext:
+        if counts is not None:
+            config = config.model_copy(update={"allocation": "counts", "counts": dict(counts)})
         return SelectionContext(model=self.dense, groups=self.groups, x=self.x, y=self.y,
-                                config=config, device=self.device, counts=counts)
+                                config=config, device=self.device)
 
 
 def mipp_selection(m: Model, fraction: float, sel_log: Path, done: dict, args,
@@ -268,7 +261,7 @@ def mipp_selection(m: Model, fraction: float, sel_log: Path, done: dict, args,
               "counts": {n: len(k) for n, k in sel.keep.items()},
               "removed_fraction": 1 - sum(len(k) for k in sel.keep.values()) / m.total,
               "repeats": args.repeats, "recon": args.recon, "calibration": CALIBRATION,
-              "host": platform.node(), "time": _now()}
+              "host": platform.node(), "time": _now(), "code": CODE}
     _append(sel_log, record)
     done[key] = record
     print(f"[{m.dataset} {m.arch} s{m.seed}] mipp target {fraction:.2f}: tol={tol:.4g} removes "
@@ -297,13 +290,18 @@ def allocation_counts(m: Model, allocation: str, mipp_sel: dict) -> tuple[dict[s
     return counts, time.perf_counter() - began
 
 
-def choose(m: Model, choice: str, counts: dict[str, int], mipp_sel: dict, fraction: float
-           ) -> tuple[dict[str, list[int]], float]:
+def choose(m: Model, choice: str, counts: dict[str, int], mipp_sel: dict, fraction: float,
+           args) -> tuple[dict[str, list[int]], float]:
     """Kept units per layer for `choice` at `counts`, and the selection seconds."""
-    if choice == "mipp":
-        return mipp_keep_at(m.groups, mipp_sel, counts), float(mipp_sel["selection_s"])
-    config = PruneConfig(method=choice, target=fraction, calibration_samples=CALIBRATION,
-                         seed=m.seed, device=str(m.device))
+    if choice == "mipp" and counts == mipp_sel["counts"]:
+        return mipp_sel["keep"], float(mipp_sel["selection_s"])
+    if choice == "mipp":  # one engine pass at MIPP's tol, each layer at its count
+        config = PruneConfig(method="mipp", tol=mipp_sel["tol"], repeats=args.repeats,
+                             calibration_samples=CALIBRATION, seed=m.seed, device=str(m.device),
+                             reconstructor=ReconstructorConfig(**args.recon))
+    else:
+        config = PruneConfig(method=choice, target=fraction, calibration_samples=CALIBRATION,
+                             seed=m.seed, device=str(m.device))
     torch.manual_seed(m.seed)
     began = time.perf_counter()
     sel = select(m.ctx(config, counts=counts))
@@ -320,7 +318,7 @@ def run_cells(m: Model, fraction: float, args, log: Path, done: set, mipp_sel: d
                           allocation, refit, budget) not in done]
             if not wanted:
                 continue
-            keep, selection_s = choose(m, choice, counts, mipp_sel, fraction)
+            keep, selection_s = choose(m, choice, counts, mipp_sel, fraction, args)
             pruned0 = copy.deepcopy(m.dense)
             history = apply_keep_sets(pruned0, m.example, keep)
             acc_no_refit = evaluate(pruned0, data.x_test, data.y_test, device=m.device)["accuracy"]
@@ -351,7 +349,8 @@ def run_cells(m: Model, fraction: float, args, log: Path, done: set, mipp_sel: d
                            "acc_retrained": acc, "selection_s": round(selection_s, 3),
                            "allocation_s": round(allocation_s, 3), "refit_s": round(refit_s, 3),
                            "retrain_s": round(retrain_s, 2), "calibration": CALIBRATION,
-                           "device": str(m.device), "host": platform.node(), "time": _now()}
+                           "device": str(m.device), "host": platform.node(), "time": _now(),
+                           "code": CODE, "mipp_at_counts": "engine-pass"}
                     _append(log, row)
                     done.add(cell_key(row))
                     print(f"[{m.dataset} {m.arch} s{m.seed} f={fraction}] {choice:7s} "
@@ -405,6 +404,23 @@ def done_counts(log: Path, prefix: tuple) -> dict | None:
         if cell_key(r)[:5] == prefix and r["choice"] == "mipp":
             return r["counts"]
     return None
+
+
+def _code_version() -> str:
+    """HEAD, and '+dirty' when the engine (mipp/) differs from it: the code behind each row."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mipp"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+CODE = _code_version()
 
 
 def _now() -> str:
