@@ -302,7 +302,7 @@ def test_dashboard_journey(embedded_service, digits_files, browser, shots):
             page.screenshot(path=shots / "06-jobs.png", full_page=True)
             long_row.locator("a").click()
             expect(page.locator("#job-log")).to_contain_text("retraining", timeout=60_000)
-            assert page.get_attribute("#view .title-line [data-status]", "data-status") == "running"
+            expect(page.locator("#view .title-line [data-status]")).to_have_text("running")
             page.click("#cancel-job")
             seen = []
             assert _watch(page, seen, {"cancelled", "succeeded", "failed"}, 60) == "cancelled"
@@ -324,7 +324,8 @@ def test_dashboard_journey(embedded_service, digits_files, browser, shots):
             expect(page.locator("#sweep-rows tbody tr")).to_have_count(2)
             sweep = api.sweep(sweep_id)
             assert sweep["status"] == "succeeded" and len(sweep["rows"]) == 2
-            # The plot shown is the API's final one (fetched again once the jobs ended).
+            # The plot shown is the API's final one (fetched again once the jobs ended, before
+            # the status is painted).
             page.wait_for_function("document.getElementById('sweep-plot').naturalWidth > 0")
             stored_plot = service.client.get(f"/api/v1/sweeps/{sweep_id}/plot.svg",
                                              headers=service.headers("web")).content

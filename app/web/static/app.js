@@ -568,6 +568,18 @@ async function sweepView(view, life, sweepId) {
 
   async function refresh() {
     const sweep = await api(`sweeps/${sweepId}`, { signal: life.signal });
+    // The plot (an SVG the API draws) is fetched with the key, shown from a blob as an <img>:
+    // no key in its URL, and no script in it can run. Fetched again only when a job ended,
+    // and before the rest is painted, so a finished sweep never shows an older plot.
+    const key = JSON.stringify(sweep.counts);
+    if (key !== plotKey) {
+      const path = sweep.plot_url.replace(/^.*\/api\/v1\//, "");
+      const blob = await (await request(path, { signal: life.signal })).blob();
+      if (plotUrl) URL.revokeObjectURL(plotUrl);
+      plotUrl = URL.createObjectURL(blob);
+      plot.src = plotUrl;
+      plotKey = key;
+    }
     title.textContent = sweep.name;
     badge.replaceChildren(statusBadge(sweep.status));
     counts.textContent = Object.entries(sweep.counts).filter(([, n]) => n).map(([k, n]) => `${n} ${k}`).join(", ");
@@ -580,17 +592,6 @@ async function sweepView(view, life, sweepId) {
       h("td", { class: "num", text: fmt.int(r.params_after) }), h("td", { class: "num", text: fmt.int(r.macs_after) }),
       h("td", { class: "num", text: fmt.pct(r.accuracy_pruned) }), h("td", { class: "num", text: fmt.pct(r.accuracy_refit) }),
       h("td", { class: "num", text: fmt.pct(r.accuracy_retrained) }))));
-    // The plot (an SVG the API draws) is fetched with the key, shown from a blob as an <img>:
-    // no key in its URL, and no script in it can run. Fetched again only when a job ended.
-    const key = JSON.stringify(sweep.counts);
-    if (key !== plotKey) {
-      const path = sweep.plot_url.replace(/^.*\/api\/v1\//, "");
-      const blob = await (await request(path, { signal: life.signal })).blob();
-      if (plotUrl) URL.revokeObjectURL(plotUrl);
-      plotUrl = URL.createObjectURL(blob);
-      plot.src = plotUrl;
-      plotKey = key;
-    }
     return sweep;
   }
   let done = FINAL.has((await refresh()).status);
