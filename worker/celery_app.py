@@ -14,7 +14,9 @@ from celery.signals import worker_init, worker_process_init, worker_ready
 
 from app.queue import RUN_JOB_TASK, make_celery
 from app.settings import get_settings
-from worker import runner  # torch-free at import; loaded once here, inherited by each fork
+# torch-free at import (a `celery inspect ping` health check stays fast); the worker node's
+# parent preloads torch at worker_init, and each job process inherits it by fork.
+from worker import runner
 
 import mipp.errors  # noqa: F401  (torch-free too)
 
@@ -36,6 +38,14 @@ def _warm_database(**_kwargs) -> None:
         runner.warm_database(settings)
     except Exception:  # noqa: BLE001 - the job process connects (and reports) on its own
         runner.log.warning("could not reach the database at start-up", exc_info=True)
+
+
+@worker_init.connect
+def _preload_engine(**_kwargs) -> None:
+    try:
+        runner.preload_engine()
+    except Exception:  # noqa: BLE001 - each job process imports what it needs itself
+        runner.log.warning("could not preload torch and the engine", exc_info=True)
 
 
 @worker_ready.connect

@@ -312,13 +312,14 @@ def _send_claimed(session: Session, queue, rows: Iterable[tuple[str, str, int, A
     return sent
 
 
-def send_unsent(session: Session, queue) -> list[str]:
-    """Send every queued job that has no message (enqueued_at NULL); returns the ids sent."""
-    rows = session.execute(
-        select(Job.id, Job.queue, Job.time_limit_s, Job.enqueued_at)
-        .where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None))
-        .order_by(Job.created_at)
-    ).all()
+def send_unsent(session: Session, queue, only: Iterable[str] | None = None) -> list[str]:
+    """Send every queued job that has no message (enqueued_at NULL), or only those of
+    `only`; returns the ids sent."""
+    stmt = select(Job.id, Job.queue, Job.time_limit_s, Job.enqueued_at).where(
+        Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None))
+    if only is not None:
+        stmt = stmt.where(Job.id.in_(list(only)))
+    rows = session.execute(stmt.order_by(Job.created_at)).all()
     session.commit()
     return _send_claimed(session, queue, rows)
 

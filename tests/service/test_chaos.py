@@ -66,9 +66,9 @@ RECONCILE_S = float(TIMINGS["MIPP_RECONCILE_AFTER_S"])
 RESUME_BOUND_S = STALE_S + 6.0
 JOB_TIMEOUT_S = 90.0
 
-# A job of about two seconds (most of it importing torch in the fresh job process).
-QUICK = {"method": "random", "target": 0.5, "retrain": {"epochs": 2, "batch_size": 64},
-         "device": "cpu"}
+# A job of about two seconds, most of it importing torch in the fresh job process.
+QUICK = {"method": "random", "target": 0.5, "refit": False,
+         "retrain": {"epochs": 1, "batch_size": 64}, "device": "cpu"}
 LONG = {"method": "random", "target": 0.5, "retrain": {"epochs": 5000, "batch_size": 16},
         "device": "cpu"}
 IDLE_QUEUE = f"gpu-chaos-idle-{RUN_ID}"  # no worker listens: submits park their jobs here
@@ -385,7 +385,7 @@ def wait_running(chaos: Chaos, job_id: str, attempt: int, timeout: float = RESUM
         return None
 
     try:
-        return wait_for(running, timeout, f"attempt {attempt} of job {job_id} to run")
+        return wait_for(running, timeout, f"attempt {attempt} of job {job_id} to run", poll=0.1)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{chaos.logs()}") from None
 
@@ -578,7 +578,7 @@ def test_broker_down_during_a_sweep(team):
                  "the sweeper to re-queue the dead attempt")
         # Rounds go on failing to send it (each send is marked while it is tried, and
         # unmarked when it fails); nothing claims it meanwhile.
-        time.sleep(4 * float(TIMINGS["MIPP_SWEEPER_INTERVAL_S"]))
+        time.sleep(3 * float(TIMINGS["MIPP_SWEEPER_INTERVAL_S"]))
         still = row(team, job["id"])
         assert (still.status, still.attempt) == ("queued", 1), (still.status, still.message)
     finally:
@@ -593,21 +593,21 @@ def test_broker_down_during_a_sweep(team):
 
 
 def test_broker_down_during_a_submit(team):
-    """A job and a sweep submitted while the broker is down are kept queued and unsent, then
-    sent by the maintenance loop once it answers; each runs once."""
+    """A job and a sweep (one child) submitted while the broker is down are kept queued and
+    unsent, then sent by the maintenance loop once it answers; each runs once."""
     model_id, dataset_id = team.inputs
     team.proxy.down()
     try:
         job = submit(team)
         assert job["status"] == "queued" and job["enqueued_at"] is None, job
         config = {k: v for k, v in QUICK.items() if k not in ("method", "target")}
-        sweep = team.service.api("chaos").submit_sweep(model_id, dataset_id, targets=[0.3, 0.6],
+        sweep = team.service.api("chaos").submit_sweep(model_id, dataset_id, targets=[0.4],
                                                        methods=["random"], config=config)
     finally:
         team.proxy.up()
     children = [r["job_id"] for r in sweep["rows"]]
     team.jobs.extend(children)
-    assert len(children) == 2
+    assert len(children) == 1
     for job_id in [job["id"], *children]:
         done = wait_final(team, job_id)
         assert done["status"] == "succeeded" and done["attempt"] == 1, done
@@ -676,7 +676,7 @@ def test_api_killed_mid_upload_leaves_no_spool(team, tmp_path):
     probe.close()
     big = tmp_path / "big.npz"
     with open(big, "wb") as fh:
-        fh.truncate(384 * 1024 * 1024)  # sparse: the copy into the spool folder takes a while
+        fh.truncate(160 * 1024 * 1024)  # sparse: the copy into the spool folder takes a while
     counts = team.service.row_counts()
     keys = set(team.service.store_keys())
     log = tmp_path / "api.log"
