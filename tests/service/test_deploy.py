@@ -305,6 +305,9 @@ def test_serve_flag_turns_code_uploads_on(tmp_path, digits_files):
     env.update(MIPP_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=os.pathsep.join(
         filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     mipp_cli = [sys.executable, "-c", "import sys; from mipp.cli import main; sys.exit(main())"]
+    migrated = subprocess.run([*mipp_cli, "admin", "migrate"], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    assert migrated.returncode == 0, migrated.stderr
     created = subprocess.run([*mipp_cli, "admin", "create-user", "admin-of-serve"], env=env,
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert created.returncode == 0, created.stderr
