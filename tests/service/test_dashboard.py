@@ -266,7 +266,8 @@ def test_dashboard_journey(embedded_service, digits_files, browser, shots):
             expect(page.locator("#mi-table tbody tr").first).to_contain_text(f"{mi:.4g}")
             m = job["metrics"]
             table = page.locator("#metrics-table")
-            for text in (f"{100 * m['accuracy']['dense']:.1f}%", f"{100 * m['accuracy']['retrained']:.1f}%",
+            acc = m["accuracy"]
+            for text in (f"{100 * acc['dense']:.1f}%", f"{100 * acc['retrained']:.1f}%",
                          f"{m['params']['before']:,}", f"{m['params']['after']:,}",
                          f"{m['macs']['before']:,}", f"{m['macs']['after']:,}",
                          f"{m['latency_ms']['after']:.3f} ms"):
@@ -283,7 +284,8 @@ def test_dashboard_journey(embedded_service, digits_files, browser, shots):
                 page.click("#artifacts tr[data-artifact='model.tar.gz'] button")
             download = info.value
             assert download.suggested_filename == "model.tar.gz"
-            assert Path(download.path()).read_bytes() == _stored_bytes(service, job_id, "model.tar.gz")
+            stored = _stored_bytes(service, job_id, "model.tar.gz")
+            assert Path(download.path()).read_bytes() == stored
             assert download.url.startswith("blob:")
 
             # The jobs list shows it, finished.
@@ -404,7 +406,8 @@ def test_docs_reference_no_other_host_and_their_assets_load(embedded_service):
         asset = client.get(url)
         assert asset.status_code == 200, url
         if url.endswith(".js"):
-            assert asset.headers["content-type"].startswith(("text/javascript", "application/javascript"))
+            assert asset.headers["content-type"].startswith(("text/javascript",
+                                                             "application/javascript"))
             assert len(asset.content) > 100_000  # the real bundle, not a stub
         if url.endswith(".css"):
             assert asset.headers["content-type"].startswith("text/css")
@@ -443,7 +446,8 @@ def test_root_and_dashboard_answers(embedded_service):
     client = embedded_service.client
     # API clients asking / get the index; browsers are sent to the dashboard.
     assert client.get("/").json()["dashboard"] == "/ui/"
-    r = client.get("/", headers={"Accept": "text/html,application/xhtml+xml"}, follow_redirects=False)
+    r = client.get("/", headers={"Accept": "text/html,application/xhtml+xml"},
+                   follow_redirects=False)
     assert r.status_code in (302, 307) and r.headers["location"] == "/ui/"
     r = client.get("/ui", follow_redirects=False)
     assert r.status_code == 308 and r.headers["location"] == "/ui/"
@@ -472,4 +476,5 @@ def test_dashboard_files_are_package_data():
     assert files and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
     deps = " ".join(project["project"]["optional-dependencies"]["service"])
     assert "fastapi-offline" in deps  # /docs' assets
-    assert any(d.startswith("playwright") for d in project["project"]["optional-dependencies"]["test"])
+    test_extra = project["project"]["optional-dependencies"]["test"]
+    assert any(d.startswith("playwright") for d in test_extra)
