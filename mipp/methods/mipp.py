@@ -20,18 +20,21 @@ from mipp.config import PruneConfig
 from mipp.method_registry import register_method
 from mipp.methods.context import Selection, SelectionContext, removed_fraction
 from mipp.progress import Phase
-from mipp.terc import LayerDecision, terc_select
+from mipp.terc import LayerDecision, _Test, terc_select
 
 log = logging.getLogger("mipp.selection")
 
 
 def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: torch.Tensor,
                config: PruneConfig, report: Callable[[float, str], None],
-               counts: Mapping[str, int] | None = None) -> dict[str, LayerDecision]:
+               counts: Mapping[str, int] | None = None,
+               memos: dict | None = None) -> dict[str, LayerDecision]:
     """One TERC sweep over the network, from the output back to the input.
 
     counts: units to keep per group (from the allocator); each decision is brought to its
     count before the layer below is decided, so that layer reconstructs what is really kept.
+    memos: shared by the sweeps of a target search; a layer whose target (the kept units above
+    it) is unchanged reuses its fits and tests (`terc_select`'s memo).
     """
     owner = {member: g.name for g in ctx.groups for member in g.members}
     decided: dict[str, LayerDecision] = {}
@@ -54,8 +57,13 @@ def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
                            removed=removed) -> None:
             report((done + fraction * group.size) / total,
                    f"{group.name}: {message}; {removed} units removed so far")
+        memo = None
+        if memos is not None:
+            above = tuple(tuple(decided[n].kept) for n in dict.fromkeys(
+                owner.get(c) for c in group.consumers) if n in decided and n != group.name)
+            memo = memos.setdefault((group.name, above), {})
         decision = terc_select(x, y.to(ctx.device), config, seed=config.seed + index,
-                               progress=layer_progress)
+                               progress=layer_progress, memo=memo)
         if counts is not None:
             decision = _at_count(decision, counts[group.name])
         decided[group.name] = decision
@@ -107,43 +115,97 @@ def select_mipp(ctx: SelectionContext) -> Selection:
     return _selection(decisions, tol)
 
 
+MAX_SWEEPS = 4
+
+
 def search_tol(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: torch.Tensor
                ) -> tuple[float, dict[str, LayerDecision]]:
     """The target search: the `tol` whose sweep removes `ctx.config.target` of all units.
 
-    Log-scale bisection, at most 6 sweeps, stopping within 0.02 of the target; returns the
-    closest sweep's tol and decisions. acts/logits: from `capture_unit_activations`.
+    One sweep at `config.tol` records every test's loss increase; the next tol is the one at
+    which those tests, replayed (`_tol_for`), remove the target's share of units; a sweep
+    there verifies it. The sweeps share their fits: a layer
+    whose target is unchanged reuses its reference fit and every test already made, so a
+    verifying sweep pays only for the tests that differ. At most MAX_SWEEPS sweeps, stopping
+    within 0.02 of the target; returns the closest sweep's tol and decisions.
+    acts/logits: from `capture_unit_activations`.
     """
     config = ctx.config
+    total = sum(g.size for g in ctx.groups)
+    goal = config.target * total  # units to remove
     tried: list[tuple[float, float, dict[str, LayerDecision]]] = []
-    low, high = None, None
+    memos: dict = {}
+    low, high = 0.0, math.inf  # tols known to remove too few / too many
     tol = config.tol if config.tol > 0 else 0.05
-    max_sweeps = 6
-    for sweep in range(max_sweeps):
+    for sweep in range(MAX_SWEEPS):
         # "sweep i/n" and the tol tried lead every message, so a progress bar or a job log
-        # shows where the search is (n is the most sweeps it may take).
+        # shows where the search is (n is the most sweeps it may take; later sweeps reuse the
+        # earlier ones' fits and are usually much shorter).
         def report(f, m, sweep=sweep, tol=tol):
-            ctx.progress(Phase.SELECTING, (sweep + f) / max_sweeps,
-                         f"sweep {sweep + 1}/{max_sweeps} tol={tol:.3g}: {m}")
-        decisions = _mipp_pass(ctx, acts, logits, config.model_copy(update={"tol": tol}), report)
+            ctx.progress(Phase.SELECTING, (sweep + f) / MAX_SWEEPS,
+                         f"sweep {sweep + 1}/{MAX_SWEEPS} tol={tol:.3g}: {m}")
+        decisions = _mipp_pass(ctx, acts, logits, config.model_copy(update={"tol": tol}), report,
+                               memos=memos)
         fraction = removed_fraction(ctx.groups, {n: d.kept for n, d in decisions.items()})
         tried.append((tol, fraction, decisions))
-        summary = (f"sweep {sweep + 1}/{max_sweeps} tol={tol:.3g}: removes {fraction:.1%} of "
-                   f"units (target {config.target:.1%} +- 2%)")
+        fits = sum(d.fits for d in decisions.values())
+        summary = (f"sweep {sweep + 1}/{MAX_SWEEPS} tol={tol:.3g}: removes {fraction:.1%} of "
+                   f"units (target {config.target:.1%} +- 2%), {fits} new fine-tunes")
         log.info("target search %s", summary)  # a milestone for the job's log
-        ctx.progress(Phase.SELECTING, (sweep + 1) / max_sweeps, summary)
+        ctx.progress(Phase.SELECTING, (sweep + 1) / MAX_SWEEPS, summary)
         if abs(fraction - config.target) <= 0.02:
             break
         if fraction < config.target:
-            low = tol
-            tol = tol * 4 if high is None else math.sqrt(tol * high)
+            low = max(low, tol)
         else:
-            high = tol
-            tol = tol / 4 if low is None else math.sqrt(low * tol)
+            high = min(high, tol)
+        predicted = _tol_for(decisions, goal, config)
+        if not low < predicted < high:  # the prediction left the bracket: bisect it instead
+            predicted = (math.sqrt(low * high) if low > 0 and high < math.inf
+                         else (tol * 4 if high == math.inf else tol / 4))
+        tol = predicted
     tol, fraction, decisions = min(tried, key=lambda t: abs(t[1] - config.target))
     log.info("target search chose tol=%.3g after %d sweeps: removes %.1f%% of units",
              tol, len(tried), 100 * fraction)
     return tol, decisions
+
+
+def _tol_for(decisions: Mapping[str, LayerDecision], goal: float, config: PruneConfig) -> float:
+    """The tol at which the recorded tests, replayed, remove `goal` units in all.
+
+    A test's loss increase is cumulative (all units pruned so far plus the candidate), so each
+    recorded increase is split into the budget already spent when it ran (the increase of the
+    last pruned unit before it) and the candidate's own share; a replay at another tol walks
+    the same order, spending the shares of the units it prunes. Constant units are removed at
+    any tol; each layer keeps at least min_units. Log-scale bisection on the replay.
+    """
+    critical = _Test(config).critical / config.repeats ** 0.5
+
+    def removed_at(tol: float) -> int:
+        total = 0
+        for d in decisions.values():
+            scale = max(d.mi if config.tol_scale == "mi" else d.loss_ref, 0.0)
+            tested = {t["unit"] for t in d.units}
+            removed = len([u for u in d.pruned if u not in tested])  # constants
+            spent_then, spent_now = 0.0, 0.0
+            room = d.size - min(d.size, config.min_units)
+            for t in d.units:
+                share = t["mean_d"] - spent_then
+                if not t["kept"]:
+                    spent_then = t["mean_d"]
+                if removed < room and spent_now + share - critical * t["sd_d"] <= tol * scale:
+                    removed += 1
+                    spent_now += share
+            total += removed
+        return total
+
+    low, high = 1e-6, 10.0
+    if removed_at(high) < goal:
+        return high
+    for _ in range(40):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if removed_at(mid) < goal else (low, mid)
+    return high
 
 
 def _selection(decisions: dict[str, LayerDecision], tol: float) -> Selection:
