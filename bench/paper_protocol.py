@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", action="store_true", help="write docs/img/paper_protocol*.png")
     parser.add_argument("--jsonl", type=Path, nargs="*", help="raw cell files (default by preset)")
     parser.add_argument("--models", nargs="+", help="dataset/arch, e.g. mnist/lenet5")
-    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (or to tabulate)")
     parser.add_argument("--fractions", type=float, nargs="+")
     parser.add_argument("--choices", nargs="+", choices=CHOICES)
     parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS)
@@ -803,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "-quick" if preset == "quick" else ""
     jsonls = args.jsonl or [RESULTS / f"paper_protocol{suffix}.jsonl"]
     if args.table or args.plots:
-        rows = [r for p in jsonls for r in _read_jsonl(p)]
+        rows = [r for p in jsonls for r in _read_jsonl(p)
+                if args.seeds is None or int(r["seed"]) in args.seeds]
         selections = [r for p in jsonls
                       for r in _read_jsonl(p.with_name(p.stem + "-selections.jsonl"))]
         if args.table:
