@@ -99,11 +99,9 @@ def run(args) -> None:
             ours = mipp.prune(model, data, PruneConfig(method="mipp", tol=args.tol, seed=seed,
                                                        **quick))
             counts = {l["name"]: l["units_after"] for l in ours.layers}
-            removed = ours.metrics["units"]["removed_fraction"]
-            # `target` is required of a baseline; with `counts` the counts decide what is kept.
-            l1 = mipp.prune(model, data, PruneConfig(method="l1", seed=seed,
-                                                     target=min(max(removed, 0.01), 0.99),
-                                                     **quick), counts=counts)
+            # L1 keeps exactly MIPP's number of units in every layer (allocation "counts").
+            l1 = mipp.prune(model, data, PruneConfig(method="l1", seed=seed, **quick),
+                            counts=counts)
             rows = [row_of(ours, arch, seed, "mipp", extra), row_of(l1, arch, seed, "l1", extra)]
             assert rows[0]["layers"] == rows[1]["layers"], "L1 must keep MIPP's counts"
             with log.open("a") as f:
@@ -133,9 +131,11 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    """The markdown table: per architecture and method, means ± sd over seeds."""
+    """Two markdown tables: per architecture and method, means ± sd over seeds; then per seed
+    (both methods keep the same units per layer), with MIPP − L1 after retraining."""
     s = rows[0]["settings"]
     seeds = sorted({r["seed"] for r in rows})
+    archs = sorted({r["arch"] for r in rows}, key=[r["arch"] for r in rows].index)
     lines = [
         f"Run {rows[0]['run']} on {rows[0]['machine']}. {s['dataset']}: {s['n_train']:,} "
         f"training and {s['n_test']:,} test samples; dense models trained {s['dense_epochs']} "
@@ -145,44 +145,54 @@ def render(rows: list[dict]) -> str:
         f"counts; both refit and retrain {s['retrain_epochs']} epoch(s). "
         f"Seeds {', '.join(map(str, seeds))} ({len(seeds)}); accuracy mean ± sd over seeds.",
         "",
-        "| arch | method | units per layer (seed " + str(seeds[0]) + ") | units | params | MACs "
-        "| acc dense | after removal | after refit | after retraining |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | method | units | params | MACs | acc dense | after removal | after refit "
+        "| after retraining |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arch in sorted({r["arch"] for r in rows}, key=[r["arch"] for r in rows].index):
+    for arch in archs:
         for method in ("mipp", "l1"):
             group = [r for r in rows if r["arch"] == arch and r["method"] == method]
             if not group:
                 continue
-            first = min(group, key=lambda r: r["seed"])
-            per_layer = ", ".join(f"{n} {b}→{k}" for n, b, k in first["layers"])
 
             def mean_int(key: str, when: str) -> int:
                 return round(statistics.mean(r[key][when] for r in group))
             acc = {k: _mean_sd([r["accuracy"][k] for r in group])
                    for k in ("dense", "pruned_no_refit", "pruned", "retrained")}
             lines.append(
-                f"| {arch} | {method} | {per_layer} "
+                f"| {arch} | {method} "
                 f"| {mean_int('units', 'before')}→{mean_int('units', 'after')} "
                 f"| {mean_int('params', 'before'):,}→{mean_int('params', 'after'):,} "
                 f"| {mean_int('macs', 'before'):,}→{mean_int('macs', 'after'):,} "
                 f"| {acc['dense']} | {acc['pruned_no_refit']} | {acc['pruned']} "
                 f"| {acc['retrained']} |")
+    lines += ["", "Per seed (MIPP's per-layer counts, which L1 keeps too; accuracy after removal "
+                  "/ after refit / after retraining):", "",
+              "| arch | seed | units per layer | params | MACs | acc dense | MIPP | L1 "
+              "| MIPP − L1 retrained |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for arch in archs:
+        for seed in seeds:
+            by = {r["method"]: r for r in rows if r["arch"] == arch and r["seed"] == seed}
+            if {"mipp", "l1"} - set(by):
+                continue
+            ours, l1 = by["mipp"], by["l1"]
+            per_layer = ", ".join(f"{n} {b}→{k}" for n, b, k in ours["layers"])
+
+            def accs(r: dict) -> str:
+                a = r["accuracy"]
+                return f"{a['pruned_no_refit']:.4f} / {a['pruned']:.4f} / {a['retrained']:.4f}"
+            lines.append(
+                f"| {arch} | {seed} | {per_layer} "
+                f"| {ours['params']['before']:,}→{ours['params']['after']:,} "
+                f"| {ours['macs']['before']:,}→{ours['macs']['after']:,} "
+                f"| {ours['accuracy']['dense']:.4f} | {accs(ours)} | {accs(l1)} "
+                f"| {ours['accuracy']['retrained'] - l1['accuracy']['retrained']:+.4f} |")
     left_alone = sorted({(r["arch"], n) for r in rows for n in r["unprunable"]})
     if left_alone:
         lines += ["", "Left alone (reported by the engine as not prunable): " + ", ".join(
             f"{a}.{n}" for a, n in left_alone) + "."]
-    lines += ["", "Per seed (MIPP − L1, after retraining): " + "; ".join(
-        f"{arch} seed {seed} {_diff(rows, arch, seed):+.4f}"
-        for arch in sorted({r["arch"] for r in rows}) for seed in seeds
-        if _diff(rows, arch, seed) is not None) + "."]
     return "\n".join(lines) + "\n"
-
-
-def _diff(rows: list[dict], arch: str, seed: int) -> float | None:
-    by = {r["method"]: r["accuracy"]["retrained"] for r in rows
-          if r["arch"] == arch and r["seed"] == seed}
-    return by["mipp"] - by["l1"] if {"mipp", "l1"} <= set(by) else None
 
 
 def write_table(results_dir: Path) -> str:
