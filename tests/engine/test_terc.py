@@ -106,3 +106,29 @@ def test_min_units_is_a_floor_per_layer():
     decision = terc_select(x, y, PruneConfig(tol=5.0, repeats=3, min_units=4), seed=0)
     assert len(decision.kept) == 4   # tol 5 would prune all but one without the floor
     assert 3 in decision.pruned      # the constant unit still goes first
+
+
+def test_fast_and_sequential_paths_keep_the_same_units_on_a_small_conv_net():
+    """Same seed, same kept sets: every fine-tune gets the same minibatches and the same
+    per-model early stopping on both paths (a stopped model leaves the batched fit)."""
+    import mipp
+    from torch import nn
+
+    from mipp.config import ReconstructorConfig, TrainConfig
+    from mipp.data import load_dataset
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
+    mipp.train(model, data, TrainConfig(epochs=4), seed=0)
+    kept = {}
+    for path in ("sequential", "fast"):
+        config = PruneConfig(path=path, block_size=4, calibration_samples=768, device="cpu",
+                             reconstructor=ReconstructorConfig(epochs=40, finetune_epochs=12),
+                             retrain=TrainConfig(epochs=0))
+        result = mipp.prune(model, data, config)
+        kept[path] = result.masks
+    assert kept["fast"] == kept["sequential"]
+    assert sum(map(len, kept["fast"].values())) < 6 + 8 + 16  # something was pruned
