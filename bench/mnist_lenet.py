@@ -1,119 +1,264 @@
-"""LeNet-5 on MNIST: MIPP at the default settings and at targets of 50/80/95% units removed,
-and the selection time of the sequential reference path against the fast path, in one run.
+"""LeNet-5 on MNIST: MIPP's selection paths, target search and retrained accuracy, and ThiNet.
 
-    python bench/mnist_lenet.py                       # CPU or CUDA (auto), about 30 min on 2 cores
-    python bench/mnist_lenet.py --quick               # smaller calibration set, a few minutes
+    python bench/mnist_lenet.py paths --seeds 0 1 2 3 4      # sequential vs fast, per seed
+    python bench/mnist_lenet.py targets --code after         # targets 0.5/0.8/0.9/0.95 (+ ThiNet)
+    PYTHONPATH=/tmp/mipp-before python bench/mnist_lenet.py targets --code before
+    python bench/mnist_lenet.py redundancy --seeds 0 1 2 3 4 # synthetic redundancy at small tols
+    python bench/mnist_lenet.py table                        # BENCHMARKS.md section 1 tables
 
-Appends one JSON line per run (tagged with its start time) to bench/results/mnist_lenet[-quick].jsonl
-as it goes, never truncating it, and prints a
-markdown table at the end (also written next to the JSONL).
+`paths` runs the sequential and the fast path back to back for each seed (interleaved, so both
+see the same load) and records per-layer kept sets and selection seconds. `targets` runs MIPP
+at each target and ThiNet at the fraction MIPP reached, one after the other. `--code` labels
+the row ("before" runs the code of a `git worktree` put first on PYTHONPATH). Every row carries
+the load average and the commit of the imported `mipp`; rows append to
+bench/results/mnist_lenet-<kind>.jsonl and are never truncated. `table` renders the tables from
+those files alone. The calibration set is 2,048 samples and the reference fit 50 epochs
+(the `--quick` settings of the earlier version of this script), retraining 1 epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-import mipp
-from mipp.config import PruneConfig, ReconstructorConfig, TrainConfig
-from mipp.data import load_dataset
-from mipp.training import resolve_device
-from mipp.zoo import build_model
-
 RESULTS = Path(__file__).parent / "results"
+TARGETS = (0.5, 0.8, 0.9, 0.95)
 
 
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+            f"(torch {torch.__version__})")
+
+
+def code_commit() -> str:
+    import mipp
+    root = Path(mipp.__file__).resolve().parent.parent
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class _SweepCounter(logging.Handler):
+    """Counts the target search's per-sweep log lines (both the old and the new code log one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sweeps = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("target search sweep"):
+            self.sweeps += 1
+
+
+def _setup(seed: int, device: str):
+    import mipp
+    from mipp.config import TrainConfig
+    from mipp.data import load_dataset
+    from mipp.training import resolve_device
+    from mipp.zoo import build_model
+
+    data = load_dataset("mnist")
+    dev = resolve_device(device)
+    model = build_model("lenet5", data.input_shape, data.num_classes, seed=seed)
+    mipp.train(model, data, TrainConfig(epochs=3, lr=1e-3, batch_size=128), device=dev, seed=seed)
+    return data, model.cpu(), dev
+
+
+def _base(seed: int, dev) -> dict:
+    from mipp.config import ReconstructorConfig, TrainConfig
+    return dict(seed=seed, device=str(dev), retrain=TrainConfig(epochs=1),
+                calibration_samples=2048, reconstructor=ReconstructorConfig(epochs=50))
+
+
+def _row(kind: str, label: str, settings: dict, result, code: str, **extra) -> dict:
+    m = result.metrics
+    return {"kind": kind, "label": label, "code": code, "commit": code_commit(),
+            "settings": {k: v for k, v in settings.items()},
+            "masks": result.masks, "removed_fraction": m["units"]["removed_fraction"],
+            "accuracy": m["accuracy"], "seconds": m["seconds"],
+            "loadavg_after": os.getloadavg()[0], "machine": machine(),
+            "run": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+
+
+def _append(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:  # appended to, never truncated: every run stays on disk
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k != "masks"}), flush=True)
+
+
+def run_paths(args) -> None:
+    import mipp
+    from mipp.config import PruneConfig
+    for seed in args.seeds:
+        data, model, dev = _setup(seed, args.device)
+        order = ["sequential", "fast"] if seed % 2 == 0 else ["fast", "sequential"]
+        for path in order:  # alternate which runs first, so load drifts hit both alike
+            settings = {"path": path}
+            load = os.getloadavg()[0]
+            result = mipp.prune(model, data, PruneConfig(**_base(seed, dev), **settings))
+            _append(args.results / "mnist_lenet-paths.jsonl",
+                    _row("paths", path, settings, result, args.code, seed=seed,
+                         loadavg_before=load))
+
+
+def run_targets(args) -> None:
+    import mipp
+    from mipp.config import PruneConfig
+    counter = _SweepCounter()
+    logging.getLogger("mipp").addHandler(counter)
+    logging.getLogger("mipp").setLevel(logging.INFO)
+    data, model, dev = _setup(args.seeds[0], args.device)
+    base = _base(args.seeds[0], dev)
+    load = os.getloadavg()[0]
+    single = mipp.prune(model, data, PruneConfig(**base))  # one sweep at the default tol
+    _append(args.results / "mnist_lenet-targets.jsonl",
+            _row("targets", "default tol", {}, single, args.code, seed=args.seeds[0],
+                 loadavg_before=load, sweeps=1))
+    for target in args.targets:
+        counter.sweeps = 0
+        load = os.getloadavg()[0]
+        result = mipp.prune(model, data, PruneConfig(**base, target=target))
+        _append(args.results / "mnist_lenet-targets.jsonl",
+                _row("targets", f"target {target}", {"target": target}, result, args.code,
+                     seed=args.seeds[0], loadavg_before=load, sweeps=counter.sweeps))
+        reached = result.metrics["units"]["removed_fraction"]
+        load = os.getloadavg()[0]
+        thinet = mipp.prune(model, data, PruneConfig(**base, method="thinet",
+                                                      target=round(reached, 4)))
+        _append(args.results / "mnist_lenet-targets.jsonl",
+                _row("targets", f"thinet at {target}", {"method": "thinet", "target": reached},
+                     thinet, args.code, seed=args.seeds[0], loadavg_before=load))
+
+
+def run_redundancy(args) -> None:
+    """The synthetic redundant layers of tests/engine/test_redundancy.py at small tols: how
+    many seeds keep a redundant unit (the smallest tol that removes exact redundancy)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "engine"))
+    from test_redundancy import A, B, C, COPY, CONSTANT, DEAD, E, FAST, NOISE, SCALED, SUM, _layer
+
+    from mipp.config import PruneConfig
+    from mipp.terc import terc_select
+    for tol in args.tols:
+        for seed in args.seeds:
+            x, y = _layer(seed)
+            load = os.getloadavg()[0]
+            start = time.perf_counter()
+            d = terc_select(x, y, PruneConfig(path="fast", tol=tol, reconstructor=FAST), seed=seed)
+            kept = set(d.kept)
+            ok = (not kept & {DEAD, CONSTANT, NOISE} and len(kept & {A, COPY}) == 1
+                  and len(kept & {B, SCALED}) == 1 and len(kept & {C, E, SUM}) == 2)
+            _append(args.results / "mnist_lenet-redundancy.jsonl",
+                    {"kind": "redundancy", "tol": tol, "seed": seed, "kept": sorted(kept),
+                     "exact": ok, "seconds": time.perf_counter() - start, "commit": code_commit(),
+                     "loadavg_before": load, "machine": machine(),
+                     "run": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.exists() else []
+
+
+def _jaccard(a: list[int], b: list[int]) -> float:
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def render(results: Path) -> str:
+    out = []
+    paths = _read(results / "mnist_lenet-paths.jsonl")
+    by_seed: dict[tuple, dict] = {}
+    for r in paths:
+        by_seed.setdefault((r["commit"], r["seed"]), {})[r["label"]] = r
+    pairs = [(k, v) for k, v in by_seed.items() if {"sequential", "fast"} <= set(v)]
+    if pairs:
+        layers = list(pairs[0][1]["fast"]["masks"])
+        out += ["| commit | seed | " + " | ".join(f"Jaccard {n}" for n in layers)
+                + " | kept seq | kept fast | sequential s | fast s | ratio | load avg |",
+                "|---|---|" + "---|" * len(layers) + "---|---|---|---|---|---|"]
+        for (commit, seed), v in pairs:
+            s, f = v["sequential"], v["fast"]
+            jac = [_jaccard(s["masks"][n], f["masks"][n]) for n in layers]
+            ks = "/".join(str(len(s["masks"][n])) for n in layers)
+            kf = "/".join(str(len(f["masks"][n])) for n in layers)
+            ts, tf = s["seconds"]["selection"], f["seconds"]["selection"]
+            loads = [s["loadavg_before"], s["loadavg_after"], f["loadavg_before"], f["loadavg_after"]]
+            out.append(f"| {commit} | {seed} | " + " | ".join(f"{j:.2f}" for j in jac)
+                       + f" | {ks} | {kf} | {ts:.1f} | {tf:.1f} | {ts / tf:.1f}x "
+                       f"| {min(loads):.1f}-{max(loads):.1f} |")
+        out.append("")
+    targets = _read(results / "mnist_lenet-targets.jsonl")
+    if targets:
+        out += ["| code (commit) | run | removed | sweeps | selection s | x one sweep "
+                "| ThiNet s (same fraction) | MIPP / ThiNet | pruned+refit | retrained "
+                "| ThiNet retrained | load avg |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        single: dict[str, float] = {}
+        for i, r in enumerate(targets):
+            if r["label"] == "default tol":
+                single[r["run"][:13] + r["commit"]] = r["seconds"]["selection"]
+            if r["label"].startswith("thinet"):
+                continue
+            thinet = next((t for t in targets[i + 1:i + 2] if t["label"].startswith("thinet")), None)
+            sel = r["seconds"]["selection"]
+            one = next((v for k, v in single.items() if k.endswith(r["commit"])), None)
+            ratio = f"{sel / one:.2f}" if one and r["label"] != "default tol" else "1"
+            th_s = f"{thinet['seconds']['selection']:.1f}" if thinet else "-"
+            th_ratio = f"{sel / thinet['seconds']['selection']:.0f}x" if thinet else "-"
+            th_acc = f"{thinet['accuracy']['retrained']:.4f}" if thinet else "-"
+            out.append(f"| {r['code']} ({r['commit']}) | {r['label']} | {r['removed_fraction']:.1%} "
+                       f"| {r.get('sweeps', '-')} | {sel:.1f} | {ratio} | {th_s} | {th_ratio} "
+                       f"| {r['accuracy']['pruned']:.4f} | {r['accuracy']['retrained']:.4f} "
+                       f"| {th_acc} | {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f} |")
+        out.append("")
+    redundancy = _read(results / "mnist_lenet-redundancy.jsonl")
+    if redundancy:
+        out += ["| tol | seeds | exact answer (one of each redundant set kept, nothing else) "
+                "| kept sets that were not |", "|---|---|---|---|"]
+        for tol in sorted({r["tol"] for r in redundancy}):
+            rows = [r for r in redundancy if r["tol"] == tol]
+            wrong = "; ".join(str(r["kept"]) for r in rows if not r["exact"]) or "-"
+            out.append(f"| {tol:g} | {len(rows)} | {sum(r['exact'] for r in rows)} of {len(rows)} "
+                       f"| {wrong} |")
+        out.append("")
+    machines = sorted({r["machine"] for r in paths + targets + redundancy})
+    out.append("Machine: " + "; ".join(machines) + ".")
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-sequential", action="store_true")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS)
-    parser.add_argument("--no-targets", action="store_true",
-                        help="only the default settings (fast and sequential paths)")
+    parser.add_argument("what", choices=["paths", "targets", "redundancy", "table"])
+    parser.add_argument("--tols", type=float, nargs="+", default=[0.0, 0.001, 0.002, 0.005, 0.01])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    parser.add_argument("--code", default="after", help="label of the code under test")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-
-    results = args.results_dir
-    results.mkdir(parents=True, exist_ok=True)
-    stem = "mnist_lenet-quick" if args.quick else "mnist_lenet"
-    stem += "-paths" if args.no_targets else ""
-    if torch.cuda.is_available() and args.device != "cpu":
-        stem += "-gpu"
-    log = results / f"{stem}.jsonl"  # appended to, never truncated: every run stays on disk
-    run_id = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-    data = load_dataset("mnist")
-    device = resolve_device(args.device)
-    model = build_model("lenet5", data.input_shape, data.num_classes, seed=args.seed)
-    start = time.perf_counter()
-    mipp.train(model, data, TrainConfig(epochs=3, lr=1e-3, batch_size=128), device=device,
-               seed=args.seed)
-    train_seconds = time.perf_counter() - start
-    model = model.cpu()
-    base = dict(seed=args.seed, device=str(device), retrain=TrainConfig(epochs=1))
-    if args.quick:
-        base.update(calibration_samples=2048, reconstructor=ReconstructorConfig(epochs=50))
-
-    runs = [("default", {}), ("target 0.5", {"target": 0.5}), ("target 0.8", {"target": 0.8}),
-            ("target 0.95", {"target": 0.95})]
-    if args.no_targets:
-        runs = runs[:1]
-    if not args.skip_sequential:
-        runs.insert(1, ("default, sequential path", {"path": "sequential"}))
-    rows = []
-    for label, settings in runs:
-        config = PruneConfig(**{**base, **settings})
-        result = mipp.prune(model, data, config)
-        m = result.metrics
-        tol = next(iter(result.details["selection"].values()), {}).get("tol")
-        row = {"label": label, "settings": settings, "tol": tol,
-               "layers": [(l["name"], l["units_before"], l["units_after"]) for l in result.layers],
-               "removed_fraction": m["units"]["removed_fraction"], "accuracy": m["accuracy"],
-               "params": m["params"], "macs": m["macs"], "seconds": m["seconds"],
-               "train_seconds": train_seconds, "machine": machine(), "run": run_id}
-        rows.append(row)
-        with log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(label, json.dumps(row), flush=True)
-
-    table = render(rows)
-    (results / f"{stem}.md").write_text(table)
+    if args.what == "paths":
+        run_paths(args)
+    elif args.what == "targets":
+        run_targets(args)
+    elif args.what == "redundancy":
+        run_redundancy(args)
+    table = render(args.results)
+    (args.results / "mnist_lenet.md").write_text(table)
     print(table)
-
-
-def render(rows: list[dict]) -> str:
-    lines = [f"Machine: {rows[0]['machine']}; LeNet-5 trained 3 epochs "
-             f"({rows[0]['train_seconds']:.0f} s), retrain 1 epoch.", "",
-             "| run | tol | conv1 | conv2 | fc1 | fc2 | removed | acc dense | pruned (no refit) "
-             "| pruned (refit) | retrained | params | MACs | selection s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        a = r["accuracy"]
-        widths = " | ".join(f"{b}→{k}" for _, b, k in r["layers"])
-        lines.append(
-            f"| {r['label']} | {r['tol']:.3g} | {widths} | {r['removed_fraction']:.1%} "
-            f"| {a['dense']:.4f} | {a['pruned_no_refit']:.4f} | {a['pruned']:.4f} "
-            f"| {a['retrained']:.4f} | {r['params']['before']:,}→{r['params']['after']:,} "
-            f"| {r['macs']['before']:,}→{r['macs']['after']:,} | {r['seconds']['selection']:.1f} |")
-    by_label = {r["label"]: r for r in rows}
-    if "default, sequential path" in by_label:
-        seq = by_label["default, sequential path"]["seconds"]["selection"]
-        fast = by_label["default"]["seconds"]["selection"]
-        lines += ["", f"Selection time at the default settings: sequential {seq:.1f} s, "
-                      f"fast {fast:.1f} s, speed-up {seq / fast:.1f}x."]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
