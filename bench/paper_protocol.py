@@ -490,9 +490,10 @@ def verdict(s: dict, label: str = "MIPP") -> str:
     """From the other method's point of view: a positive difference means MIPP loses."""
     if s["n"] < 2:
         return f"n={s['n']}: no test"
-    if s["p"] >= 0.05:
-        return "tie (p≥0.05)"
-    return f"{label} wins" if s["mean"] < 0 else f"**{label} loses**"
+    if s["p"] >= 0.05:  # not shown to differ: with few seeds that is not evidence of a tie
+        return f"n.s. (p={s['p']:.2f})"
+    return (f"{label} wins (p={s['p']:.3f})" if s["mean"] < 0
+            else f"**{label} loses** (p={s['p']:.3f})")
 
 
 def refit_verdict(s: dict) -> str:
@@ -500,8 +501,9 @@ def refit_verdict(s: dict) -> str:
     if s["n"] < 2:
         return f"n={s['n']}: no test"
     if s["p"] >= 0.05:
-        return "tie (p≥0.05)"
-    return "refit helps" if s["mean"] > 0 else "**refit hurts**"
+        return f"n.s. (p={s['p']:.2f})"
+    return (f"refit helps (p={s['p']:.3f})" if s["mean"] > 0
+            else f"**refit hurts** (p={s['p']:.3f})")
 
 
 def _fmt_diff(s: dict) -> str:
@@ -684,13 +686,15 @@ def tables(rows: list[dict], selections: list[dict]) -> str:
     if tols:
         out.append("")
         out.append("#### MIPP's target search: the tol that reaches each fraction\n")
-        out.append("| dataset / arch | target | seeds | tol (per seed) | removed (mean) | search s (mean) |")
-        out.append("|---|---:|---:|---|---:|---:|")
+        out.append("| dataset / arch | target | seeds | tol (per seed) | removed (mean) "
+                   "| search s (mean) | code |")
+        out.append("|---|---:|---:|---|---:|---:|---|")
         for (dataset, arch, f), recs in sorted(tols.items()):
             out.append(f"| {dataset} / {arch} | {100 * f:.0f}% | {len(recs)} | "
                        + ", ".join(f"{r['tol']:.3g}" for r in sorted(recs, key=lambda r: r['seed']))
                        + f" | {100 * statistics.mean(r['removed_fraction'] for r in recs):.1f}% | "
-                       f"{statistics.mean(r['selection_s'] for r in recs):.0f} |")
+                       f"{statistics.mean(r['selection_s'] for r in recs):.0f} | "
+                       + ", ".join(sorted({r.get("code", "before 9dfde53") for r in recs})) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -806,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for p in jsonls for r in _read_jsonl(p)
                 if args.seeds is None or int(r["seed"]) in args.seeds]
         selections = [r for p in jsonls
-                      for r in _read_jsonl(p.with_name(p.stem + "-selections.jsonl"))]
+                      for r in _read_jsonl(p.with_name(p.stem + "-selections.jsonl"))
+                      if args.seeds is None or int(r["seed"]) in args.seeds]
         if args.table:
             print(tables(rows, selections))
         if args.plots:
