@@ -200,7 +200,8 @@ def table(path: Path = LOG) -> str:
         secs = [sum(seconds[(dataset, arch, r["seed"])].values()) for r in rows]  # type: ignore[union-attr]
         target = RECIPES.get((dataset, arch), (float("nan"),))[0]
         lines.append(f"| {dataset} | {arch} | {100 * target:.0f}% | {len(rows)} "
-                     f"| {statistics.mean(accs):.2f} ± {sd:.2f} | {min(accs):.2f} "
+                     f"| {statistics.mean(accs):.2f}{f' ± {sd:.2f}' if len(accs) > 1 else ''} "
+                     f"| {min(accs):.2f} "
                      f"| {rows[0]['epochs']} | {statistics.mean(secs):.0f} "
                      f"| {', '.join(sorted({r['device'] for r in rows}))} |")
     unfinished = sorted({(r["dataset"], r["arch"], r["seed"]) for r in read_log(path)} - set(final))
