@@ -130,20 +130,36 @@ class JobQueue:
         )
 
     def waiting(self, queue: str) -> int | None:
-        """Messages waiting in `queue` (not counting those a worker holds); None if unknown."""
+        """Messages waiting in `queue` (not counting those a worker holds); None if the
+        broker cannot count them. Raises BrokerUnreachable when it does not answer."""
         from kombu.exceptions import ChannelError
 
         try:
             with self.celery.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=3)
+                self._connect(conn)
                 with conn.channel() as channel:
                     return channel.queue_declare(queue=queue, passive=True).message_count
         except ChannelError:  # Redis: an empty queue does not exist
             return 0
+        except BrokerUnreachable:
+            raise
         except Exception:  # noqa: BLE001 - unknown: the caller re-sends to be safe
             return None
 
     def check(self) -> None:
-        """Raise if the broker cannot be reached."""
+        """Raise BrokerUnreachable if the broker cannot be reached."""
         with self.celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
+            self._connect(conn)
+
+    @staticmethod
+    def _connect(conn) -> None:
+        # One retry 0.2 s later: kombu's default 2 s pause would hold a maintenance round
+        # (and /readyz) for seconds during an outage.
+        try:
+            conn.ensure_connection(max_retries=1, interval_start=0.2, timeout=3)
+        except Exception as exc:  # noqa: BLE001 - every transport raises its own
+            raise BrokerUnreachable(f"{type(exc).__name__}: {exc}") from exc
+
+
+class BrokerUnreachable(Exception):
+    """The broker did not answer (connection refused or timed out)."""

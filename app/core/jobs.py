@@ -341,7 +341,11 @@ def reconcile(session: Session, queue, *, resend_after_s: float) -> list[str]:
     session.commit()
     resend = []
     for queue_name in sorted({row.queue for row in rows}):
-        waiting = queue.waiting(queue_name)
+        try:
+            waiting = queue.waiting(queue_name)
+        except Exception as exc:  # noqa: BLE001 - broker down: nothing can be sent this round
+            log.warning("reconciler: the broker does not answer (%s); next round", exc)
+            return []
         if waiting is not None and waiting >= queued_per_queue.get(queue_name, 0):
             continue
         resend.extend(row for row in rows if row.queue == queue_name)

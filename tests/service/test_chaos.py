@@ -66,9 +66,12 @@ RECONCILE_S = float(TIMINGS["MIPP_RECONCILE_AFTER_S"])
 RESUME_BOUND_S = STALE_S + 6.0
 JOB_TIMEOUT_S = 90.0
 
-# A job of about two seconds, most of it importing torch in the fresh job process.
+# A job of well under a second on a quiet machine (the worker preloads torch), and one that
+# retrains for about 1.5 s of CPU: long enough to be killed mid-job after its first log
+# upload, short enough to run to the end in the attempt after the kill.
 QUICK = {"method": "random", "target": 0.5, "refit": False,
          "retrain": {"epochs": 1, "batch_size": 64}, "device": "cpu"}
+KILLABLE = {**QUICK, "retrain": {"epochs": 90, "batch_size": 64}}
 LONG = {"method": "random", "target": 0.5, "retrain": {"epochs": 5000, "batch_size": 16},
         "device": "cpu"}
 IDLE_QUEUE = f"gpu-chaos-idle-{RUN_ID}"  # no worker listens: submits park their jobs here
@@ -261,11 +264,11 @@ class Chaos:
         return "\n".join(f"--- {n.name}\n{n.tail()}" for n in self.nodes)
 
     def ensure_workers(self) -> None:
-        """Every node running (a case may have killed one); restarted ones in parallel."""
-        dead = [n for n in self.nodes if n.proc is None or n.proc.poll() is not None]
-        for node in dead:
-            node.launch()
-        for node in dead:
+        """Every node running and ready (a case may have killed or restarted one)."""
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                node.launch()
+        for node in self.nodes:
             node.wait_ready()
 
 
@@ -370,8 +373,9 @@ def attempt_log_key(chaos: Chaos, job, attempt: int) -> str:
 
 
 def wait_running(chaos: Chaos, job_id: str, attempt: int, timeout: float = RESUME_BOUND_S + 20):
-    """Wait until attempt `attempt` runs, has fetched its inputs and has stored its log so
-    far (so a kill now is mid-job and leaves a log to keep); returns its row."""
+    """Wait until attempt `attempt` is retraining (inputs fetched, most of the job ahead)
+    and has stored its log so far, so that a kill now is mid-job and leaves a log to keep;
+    returns its row."""
     store = chaos.service.app.state.store
 
     def running():
@@ -379,7 +383,7 @@ def wait_running(chaos: Chaos, job_id: str, attempt: int, timeout: float = RESUM
         if job.status in FINAL:
             raise AssertionError(f"job {job_id} ended ({job.status}, attempt {job.attempt}) "
                                  f"before attempt {attempt} could be interrupted:\n{chaos.logs()}")
-        if job.status == "running" and job.attempt == attempt and job.worker_pid:
+        if job.status == "running" and job.attempt == attempt and job.phase == "retraining":
             if store.exists(attempt_log_key(chaos, job, attempt)):
                 return job
         return None
@@ -410,20 +414,6 @@ def leftovers(tmp_dir: Path) -> list[str]:
     if not tmp_dir.is_dir():
         return []
     return sorted(p.name for p in tmp_dir.iterdir() if p.name.startswith(("job-", "upload-")))
-
-
-def claim_times(chaos: Chaos, job_id: str) -> dict[int, float]:
-    """When each attempt was claimed, from the job's log lines (attempt -> epoch seconds)."""
-    from sqlalchemy import func, select
-
-    from app.models import JobLogLine
-
-    with chaos.service.app.state.sessionmaker() as session:
-        rows = session.execute(
-            select(JobLogLine.attempt, func.min(JobLogLine.created_at))
-            .where(JobLogLine.job_id == job_id).group_by(JobLogLine.attempt)
-        ).all()
-    return {attempt: at.timestamp() for attempt, at in rows}
 
 
 def assert_final_state(chaos: Chaos, job_ids: list[str]) -> None:
@@ -487,7 +477,7 @@ def test_worker_child_sigkill_mid_job_x3(team, tmp_path):
     """The job process dies three times mid-job: each time the next attempt starts well
     before a stale heartbeat would be noticed, and the fourth succeeds with the three
     killed attempts' logs."""
-    job = submit(team)
+    job = submit(team, KILLABLE)
     resumed = []
     for attempt in (1, 2, 3):
         running = wait_running(team, job["id"], attempt)
@@ -497,8 +487,7 @@ def test_worker_child_sigkill_mid_job_x3(team, tmp_path):
         assert scratch_of(team, pid), "the attempt has no scratch folder to leave behind"
         killed_at = time.time()
         os.kill(pid, signal.SIGKILL)
-        wait_running(team, job["id"], attempt + 1)
-        resumed.append(claim_times(team, job["id"])[attempt + 1] - killed_at)
+        resumed.append(wait_running(team, job["id"], attempt + 1).started_at.timestamp() - killed_at)
     done = wait_final(team, job["id"])
     assert done["status"] == "succeeded" and done["attempt"] == 4, done
     assert_killed_logs_kept(team, job["id"], [1, 2, 3], tmp_path)
@@ -509,23 +498,26 @@ def test_worker_child_sigkill_mid_job_x3(team, tmp_path):
 def test_worker_parent_sigkill_mid_job_x3(team, tmp_path):
     """The worker node's parent dies three times mid-job (its job process dies with it); the
     node is restarted as a supervisor would, and the job resumes on a node each time."""
-    job = submit(team)
+    job = submit(team, KILLABLE)
     resumed = []
+    running = wait_running(team, job["id"], 1)
     for attempt in (1, 2, 3):
-        running = wait_running(team, job["id"], attempt)
         node = team.node_for(running.worker)
         assert node.owns(running.worker_pid)
         killed_at = time.time()
         node.kill_parent()
         wait_for(lambda: not _alive(running.worker_pid), 5, "the job process to die with its parent")
-        node.start()
-        wait_running(team, job["id"], attempt + 1)
-        resumed.append(claim_times(team, job["id"])[attempt + 1] - killed_at)
+        node.launch()  # as a supervisor would; the sweeper may give the job away first
+        running = wait_running(team, job["id"], attempt + 1)
+        resumed.append(running.started_at.timestamp() - killed_at)
+    team.ensure_workers()
     done = wait_final(team, job["id"])
     assert done["status"] == "succeeded" and done["attempt"] == 4, done
     assert_killed_logs_kept(team, job["id"], [1, 2, 3], tmp_path)
     print(f"\nparent SIGKILL: next attempt claimed after {', '.join(f'{s:.1f}' for s in resumed)} s")
-    assert max(resumed) < RESUME_BOUND_S, resumed
+    # Bounded by a node's restart (celery and torch preloaded: seconds, more on a busy host)
+    # when the other node is restarting too, else by the restart or the stale sweeper.
+    assert max(resumed) < RESUME_BOUND_S + 15, resumed
 
 
 def test_stale_attempt_revived_changes_nothing_readers_see(team, tmp_path):
@@ -534,7 +526,7 @@ def test_stale_attempt_revived_changes_nothing_readers_see(team, tmp_path):
     from app.core.artifacts import attempt_log_key as log_key
     from app.storage import attempt_prefix
 
-    job = submit(team)
+    job = submit(team, KILLABLE)
     running = wait_running(team, job["id"], 1)
     pid = running.worker_pid
     os.kill(pid, signal.SIGSTOP)
@@ -565,31 +557,33 @@ def test_stale_attempt_revived_changes_nothing_readers_see(team, tmp_path):
 
 
 def test_broker_down_during_a_sweep(team):
-    """A worker node dies whole; while the broker is down the sweeper re-queues its job and
-    cannot send it: the job stays queued and unsent (not marked sent), and is sent and run
-    once the broker answers."""
-    job = submit(team)
+    """A job process stops answering (SIGSTOP) and the broker goes down: the sweeper
+    re-queues the stale attempt but cannot send it, so the job stays queued, unclaimed, and
+    is sent and run on the other node once the broker answers."""
+    job = submit(team, KILLABLE)
     running = wait_running(team, job["id"], 1)
-    node = team.node_for(running.worker)
+    pid = running.worker_pid
     team.proxy.down()
+    os.kill(pid, signal.SIGSTOP)
     try:
-        node.kill_all()
         wait_for(lambda: row(team, job["id"]).status == "queued", STALE_S + 5,
-                 "the sweeper to re-queue the dead attempt")
-        # Rounds go on failing to send it (each send is marked while it is tried, and
-        # unmarked when it fails); nothing claims it meanwhile.
+                 "the sweeper to re-queue the stale attempt")
+        # Rounds go on failing to send it (a send is marked while it is tried and unmarked
+        # when it fails); nothing claims it meanwhile.
         time.sleep(3 * float(TIMINGS["MIPP_SWEEPER_INTERVAL_S"]))
         still = row(team, job["id"])
         assert (still.status, still.attempt) == ("queued", 1), (still.status, still.message)
+        team.proxy.up()
+        up_at = time.time()
+        done = wait_final(team, job["id"])
+        assert done["status"] == "succeeded" and done["attempt"] == 2, done
+        sent_after = datetime.fromisoformat(done["started_at"]).timestamp() - up_at
+        print(f"\nbroker down during a sweep: claimed {sent_after:.1f} s after the broker was back")
+        assert sent_after < 5.0
     finally:
         team.proxy.up()
-    up_at = time.time()
-    node.launch()  # restarted meanwhile; the other node may take the job first
-    running = wait_running(team, job["id"], 2)
-    assert claim_times(team, job["id"])[2] - up_at < 5.0
-    done = wait_final(team, job["id"])
-    assert done["status"] == "succeeded" and done["attempt"] == 2
-    node.wait_ready()
+        os.kill(pid, signal.SIGKILL)  # the stale attempt: its node replaces the process
+    wait_for(lambda: not _alive(pid), 10, "the stopped attempt to be gone")
 
 
 def test_broker_down_during_a_submit(team):
@@ -621,7 +615,7 @@ def test_redis_flushed_with_jobs_queued(team):
     for job in busy:
         wait_for(lambda job=job: row(team, job["id"]).status == "running", 30, "a busy node")
     waiting = [submit(team) for _ in range(2)]
-    wait_for(lambda: team.redis.llen(queue) == 2, 5, "two messages waiting in Redis")
+    wait_for(lambda: team.redis.llen(queue) >= 2, 5, "two messages waiting in Redis")
     team.redis.flushdb()
     assert team.redis.llen(queue) == 0
     api = team.service.api("chaos")
@@ -636,7 +630,8 @@ def test_redis_flushed_with_jobs_queued(team):
         done = wait_final(team, job["id"])
         assert done["status"] == "succeeded" and done["attempt"] == 1, done
         sent_at = datetime.fromisoformat(job["enqueued_at"]).timestamp()
-        late.append(claim_times(team, job["id"])[1] - max(free_at, sent_at + RECONCILE_S))
+        claimed_at = datetime.fromisoformat(done["started_at"]).timestamp()
+        late.append(claimed_at - max(free_at, sent_at + RECONCILE_S))
     print(f"\nRedis flush: claimed {', '.join(f'{s:.1f}' for s in late)} s after a node was "
           "free and the reconcile interval had passed")
     assert min(late) < 3.0, late
@@ -939,13 +934,14 @@ def test_mipp_serve_survives_worker_sigkill(tmp_path, digits_files):
         engine.dispose()
         api = Client(base, key)
         model, dataset = _upload_mlp(api, digits_files), api.upload_dataset(digits_files["npz"])
-        job = api.submit_job(model["id"], dataset["id"], QUICK)
+        job = api.submit_job(model["id"], dataset["id"],
+                             {**QUICK, "retrain": {"epochs": 160, "batch_size": 64}})
         log_key = data_dir / "store" / "users" / job["owner_id"] / "jobs" / job["id"] / "attempt-1" / "log.txt"
         wait_for(lambda: api.job(job["id"])["status"] == "running" and log_key.exists(), 60,
                  "attempt 1 to run and store its log", poll=0.1)
         first = worker_pid()
         # Past the supervisor's start-up window: a death then is a crash, not a failed start.
-        time.sleep(max(0.0, 7.0 - (time.monotonic() - started)))
+        time.sleep(max(0.0, 6.0 - (time.monotonic() - started)))
         assert api.job(job["id"])["status"] == "running", "the job ended before the kill"
         killed_at = time.monotonic()
         os.kill(first, signal.SIGKILL)
