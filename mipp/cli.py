@@ -152,7 +152,10 @@ def format_report(layers: list[dict], metrics: dict) -> str:
     rows = [f"{'layer':<24} {'units':>14} {'kept':>7}"]
     for layer in layers:
         before, after = layer["units_before"], layer["units_after"]
-        rows.append(f"{layer['name']:<24} {before:>6} -> {after:<5} {after / before:>7.1%}")
+        rounding = layer.get("partition_rounding")
+        rows.append(f"{layer['name']:<24} {before:>6} -> {after:<5} {after / before:>7.1%}" + (
+            f"  (method chose {rounding['chosen']}; rounded up for {rounding['partitions']} "
+            "grouped-conv partitions)" if rounding else ""))
     acc, units = metrics["accuracy"], metrics["units"]
 
     def pct(value):

@@ -10,15 +10,21 @@ residual adds). Its units are indexed 0..size-1 in the root's output order.
 
 Any nn.Module the DependencyGraph traces works, not only the zoo: residual adds, concatenation
 (a consumer reads a group's units at an offset, kept in `consumer_inputs`), depthwise
-convolutions (coupled to their input), global pooling. A group coupled to something mipp does
-not prune (a grouped, non-depthwise convolution; a LayerNorm, an embedding, a bare
-nn.Parameter, any other layer with parameters) is left alone and reported, never half-pruned.
+convolutions (coupled to their input), grouped convolutions, global pooling. A grouped conv
+with g groups stays valid only if each of its g input and g output partitions keeps the same
+number of channels: a group that feeds one or is one's output records g in `partitions`, and
+`align_to_partitions` makes a kept set obey it (the allocator calls it after every method).
+A group coupled to something mipp does not prune (a LayerNorm, an embedding, a bare
+nn.Parameter, any other layer with parameters; a grouped conv that reads a concatenation) is
+left alone and reported, never half-pruned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+
+import math
 
 import torch
 import torch_pruning as tp
@@ -40,6 +46,9 @@ class UnitGroup:
     consumers: Conv/Linear modules whose *inputs* are these units.
     consumer_inputs: per consumer, the input channels/features that carry the units, in unit
     order (a concatenation offsets them; a Flatten spreads a channel over several features).
+    partitions: the units fall into this many equal contiguous blocks, and a kept set must keep
+    the same count in each (the lcm of the `groups` of the grouped convs they feed or come
+    from; 1 when none does). See `align_to_partitions`.
     """
 
     name: str
@@ -47,6 +56,7 @@ class UnitGroup:
     members: tuple[str, ...]
     consumers: tuple[str, ...]
     consumer_inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    partitions: int = 1
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -70,6 +80,7 @@ def _module_names(model: nn.Module) -> dict[nn.Module, str]:
 def _unit_group(graph: tp.DependencyGraph, group, names: dict[nn.Module, str]) -> UnitGroup:
     root = group[0].dep.target.module
     members, consumers, inputs = [], [], {}
+    partitions = 1
     for dep, idxs in group:
         module = dep.target.module
         if not isinstance(module, PRUNABLE):
@@ -80,9 +91,13 @@ def _unit_group(graph: tp.DependencyGraph, group, names: dict[nn.Module, str]) -
         elif graph.is_in_channel_pruning_fn(dep.handler):
             consumers.append(name)
             inputs[name] = tuple(int(i) for i in idxs)
+        else:
+            continue
+        if _is_grouped_conv(module):
+            partitions = math.lcm(partitions, module.groups)
     size = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
     return UnitGroup(names[root], size, tuple(dict.fromkeys(members)),
-                     tuple(dict.fromkeys(consumers)), tuple(inputs.items()))
+                     tuple(dict.fromkeys(consumers)), tuple(inputs.items()), partitions)
 
 
 def _is_grouped_conv(module: nn.Module) -> bool:
@@ -91,15 +106,25 @@ def _is_grouped_conv(module: nn.Module) -> bool:
         module.groups == module.in_channels == module.out_channels)
 
 
-def _blocker(group, names: dict) -> str | None:
+def _blocker(graph: tp.DependencyGraph, group, names: dict) -> str | None:
     """Why a dependency group must be left alone, or None when mipp can prune it."""
-    for dep, _ in group:
+    for dep, idxs in group:
         module = dep.target.module
         if isinstance(module, nn.Parameter):
             return "it is coupled to a bare nn.Parameter, which mipp does not prune"
         if _is_grouped_conv(module):
-            return (f"it is coupled to grouped convolution {names.get(module, '?')!r} "
-                    f"(groups={module.groups}), which mipp does not prune")
+            where = f"grouped convolution {names.get(module, '?')!r} (groups={module.groups})"
+            if module.groups == module.out_channels:
+                # Torch-Pruning takes groups == out_channels for depthwise and would prune its
+                # inputs one for one with its outputs, which is wrong when in != out.
+                return (f"it is coupled to {where}, whose groups equal its output channels "
+                        "but not its input channels, which mipp does not prune")
+            if graph.is_in_channel_pruning_fn(dep.handler) and \
+                    [int(i) for i in idxs] != list(range(module.in_channels)):
+                # Its partitions would span several groups (a concatenation), and keeping
+                # them equal would couple those groups' counts.
+                return (f"it feeds {where} together with other layers (a concatenation), "
+                        "which mipp does not prune")
         if isinstance(module, nn.Module) and not isinstance(module, COUPLABLE) and \
                 any(True for _ in module.parameters(recurse=False)):
             return (f"it is coupled to {names.get(module, '?')!r} ({type(module).__name__}), "
@@ -119,7 +144,7 @@ def _dependency_groups(model: nn.Module, example_input: torch.Tensor,
         unit_group = _unit_group(graph, group, names)
         if set(unit_group.members) & ignored:
             continue
-        if (why := _blocker(group, names)) is not None:
+        if (why := _blocker(graph, group, names)) is not None:
             for member in unit_group.members:
                 blocked[member] = why
             continue
@@ -218,8 +243,7 @@ def apply_keep_sets(
             raise ConfigError(f"keep set for {name!r} has indices outside 0..{size - 1}")
         removed = sorted(set(range(size)) - set(kept))
         if removed:
-            prune_fn = graph.get_pruner_of_module(root).prune_out_channels
-            graph.get_pruning_group(root, prune_fn, removed).prune()
+            _prune(graph, root, removed, name)
             history.append({"group": name, "removed": removed})
     return history
 
@@ -231,9 +255,86 @@ def replay_history(model: nn.Module, example_input: torch.Tensor, history: Seque
     for step in history:
         if step["group"] not in modules:
             raise ModelError(f"pruning history names {step['group']!r}, not a module of this model")
-        root = modules[step["group"]]
-        prune_fn = graph.get_pruner_of_module(root).prune_out_channels
-        graph.get_pruning_group(root, prune_fn, list(step["removed"])).prune()
+        _prune(graph, modules[step["group"]], list(step["removed"]), step["group"])
+
+
+def align_to_partitions(keep: Sequence[int], size: int, partitions: int,
+                        scores: Sequence[float] | None = None) -> list[int]:
+    """`keep` grown until each of the `partitions` equal contiguous blocks of 0..size-1 keeps
+    the same number of units: the count of its fullest block (at least one), so that no unit
+    the method chose is dropped. Each block is filled with its best extra units: the highest
+    `scores` (ties: lower index), or the lowest indices without scores. Sorted."""
+    if partitions <= 1:
+        return sorted(set(int(i) for i in keep))
+    if size % partitions:
+        raise ValueError(f"{size} units do not split into {partitions} equal partitions")
+    block = size // partitions
+    chosen: list[set[int]] = [set() for _ in range(partitions)]
+    for i in keep:
+        chosen[int(i) // block].add(int(i))
+    per_block = max(1, max(len(c) for c in chosen))
+
+    def rank(i: int) -> tuple[float, int]:
+        return (-float(scores[i]) if scores is not None else 0.0, i)
+
+    for p, kept in enumerate(chosen):
+        extra = sorted(set(range(p * block, (p + 1) * block)) - kept, key=rank)
+        kept.update(extra[:per_block - len(kept)])
+    return sorted(i for kept in chosen for i in kept)
+
+
+def _check_partitions(channels: Sequence[int], total: int, groups: int, what: str) -> None:
+    """Removing `channels` of `total` must leave each of `groups` partitions the same, non-zero
+    count, or the grouped convolution is no longer valid."""
+    block = total // groups
+    left = [block - sum(1 for c in channels if c // block == p) for p in range(groups)]
+    if len(set(left)) != 1 or left[0] == 0:
+        raise ConfigError(f"{what}: the kept units leave {left} channels in the {groups} "
+                          "partitions of a grouped convolution; each must keep the same "
+                          "non-zero count (see mipp.groups.align_to_partitions)")
+
+
+def _prune(graph: tp.DependencyGraph, root: nn.Module, removed: list[int], name: str) -> None:
+    """Remove `removed` output units of `root` and everything coupled to them.
+
+    Torch-Pruning shrinks a grouped conv's input channels by keeping the same weight columns
+    for every partition (the first partition's), which is right only when every partition
+    loses the same positions; so each such conv's weight is rebuilt here from the original,
+    each output channel keeping the columns of its own partition's kept inputs.
+    """
+    group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels,
+                                    removed)
+    grouped: dict[nn.Module, dict] = {}
+    for dep, idxs in group:
+        module = dep.target.module
+        if not (_is_grouped_conv(module) and module.groups != module.out_channels):
+            continue
+        entry = grouped.setdefault(module, {"weight": module.weight.detach().clone(),
+                                            "out": (), "in": None})
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            entry["out"] = tuple(int(i) for i in idxs)
+            _check_partitions(entry["out"], module.out_channels, module.groups,
+                              f"keep set for {name!r}")
+        elif graph.is_in_channel_pruning_fn(dep.handler):
+            entry["in"] = tuple(int(i) for i in idxs)
+            _check_partitions(entry["in"], module.in_channels, module.groups,
+                              f"keep set for {name!r}")
+    group.prune()
+    for module, entry in grouped.items():
+        if entry["in"] is None:
+            continue
+        weight, groups = entry["weight"], module.groups
+        out_block, in_block = weight.shape[0] // groups, weight.shape[1]
+        gone_out, gone_in = set(entry["out"]), set(entry["in"])
+        rows = []
+        for o in range(weight.shape[0]):
+            if o in gone_out:
+                continue
+            p = o // out_block
+            columns = [c - p * in_block for c in range(p * in_block, (p + 1) * in_block)
+                       if c not in gone_in]
+            rows.append(weight[o, columns])
+        module.weight = nn.Parameter(torch.stack(rows).contiguous())
 
 
 def count_params(model: nn.Module) -> int:

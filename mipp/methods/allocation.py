@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mipp.errors import ConfigError
-from mipp.groups import UnitGroup, find_unit_groups
+from mipp.groups import UnitGroup, align_to_partitions, find_unit_groups
 from mipp.method_registry import Method, get_method
 from mipp.methods.context import Selection, SelectionContext
 from mipp.progress import Phase
@@ -208,7 +208,8 @@ def select(ctx: SelectionContext) -> Selection:
     """Run `ctx.config.method` under `ctx.config.allocation`: the one entry point.
 
     Returns kept indices for every group in `ctx.groups`, each group keeping at least
-    min(min_units, size) units and exactly its count where the rule fixes one. Raises
+    min(min_units, size) units and exactly its count where the rule fixes one (more where a
+    grouped conv needs equal partitions: `_align_partitions`). Raises
     ConfigError for an unknown method or a rule the method cannot follow.
     """
     method = get_method(ctx.config.method)
@@ -223,10 +224,26 @@ def select(ctx: SelectionContext) -> Selection:
     else:
         selection = method.fn(ctx, counts)
     _check_kept(ctx, method, selection, counts)
+    _align_partitions(ctx, selection)
     if rule.startswith("from:"):
         for name in selection.layers:
             selection.layers[name]["counts_from"] = rule.removeprefix("from:")
     return selection
+
+
+def _align_partitions(ctx: SelectionContext, selection: Selection) -> None:
+    """A group tied to a grouped conv keeps the same count in each of its partitions (or the
+    conv is invalid): its kept set is rounded up there, never down, and the report says so."""
+    for g in (g for g in ctx.groups if g.partitions > 1):
+        kept = selection.keep[g.name]
+        info = selection.layers.get(g.name, {})
+        aligned = align_to_partitions(kept, g.size, g.partitions, info.get("scores"))
+        if len(aligned) != len(kept):
+            info["partition_rounding"] = {"partitions": g.partitions, "chosen": len(kept),
+                                          "kept": len(aligned)}
+            info["kept"] = len(aligned)
+            selection.layers[g.name] = info
+        selection.keep[g.name] = aligned
 
 
 def _check_kept(ctx: SelectionContext, method: Method, selection: Selection,

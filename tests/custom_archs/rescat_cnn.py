@@ -1,5 +1,5 @@
 """A small CNN the zoo does not have: a residual block, a depthwise-separable branch
-concatenated with a plain 3x3 branch, a grouped convolution (which mipp leaves alone), global
+concatenated with a plain 3x3 branch, a grouped convolution (pruned with equal partitions), global
 average pooling and a linear classifier. Used as an uploaded architecture in the tests and the
 benchmark (`factory="rescat_cnn:build"`). `pool` > 1 max-pools after the stem, so that on 28x28
 images (MNIST) the 3x3 layers see most of the digit and cost 1/pool^2 of the MACs."""

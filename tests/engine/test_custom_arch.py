@@ -2,7 +2,7 @@
 and weights as a model directory, prune it with MIPP, load it back with trust_code, export it.
 
 Architectures (tests/custom_archs): a CNN with a residual block, a concatenation of a plain and
-a depthwise-separable branch and a grouped convolution (left alone, and reported); an MLP with
+a depthwise-separable branch and a grouped convolution (pruned partition by partition); an MLP with
 a skip connection, as a zipped package.
 """
 
@@ -57,8 +57,10 @@ def test_groups_of_a_residual_concat_depthwise_cnn(one_thread):
     # The concatenation: the separable branch's units are read at offset 8 by `mix`.
     assert dict(groups["pointwise"].consumer_inputs)["mix"] == tuple(range(8, 16))
     assert dict(groups["branch.0"].consumer_inputs)["mix"] == tuple(range(8))
-    skipped = {row["name"]: row["reason"] for row in unprunable_layers(model, x)}
-    assert set(skipped) == {"mix", "grouped"} and "grouped convolution" in skipped["grouped"]
+    # The grouped conv (groups=4) and `mix`, which feeds it, keep equal partitions of 4.
+    assert groups["mix"].partitions == groups["grouped"].partitions == 4
+    assert groups["stem.0"].partitions == 1
+    assert unprunable_layers(model, x) == []
     assert "rescat_cnn" not in sys.modules
 
 
@@ -81,10 +83,10 @@ def test_cli_packs_prunes_and_reloads_a_custom_cnn(digit_images, tmp_path, capsy
     assert main(["prune", str(dense), "--trust-code", "--dataset", str(digit_images),
                  "--device", "cpu", "--out", str(pruned), "-q", *QUICK_MIPP]) == 0
     report = capsys.readouterr().out
-    assert "left alone      grouped (Conv2d)" in report
+    assert "left alone" not in report and "\ngrouped " in report
     metrics = json.loads((pruned / "metrics.json").read_text())
     assert metrics["params"]["after"] < metrics["params"]["before"]
-    assert {row["name"] for row in metrics["unprunable_layers"]} == {"mix", "grouped"}
+    assert metrics["unprunable_layers"] == []
     info = json.loads((pruned / "model.json").read_text())
     assert info["spec"]["kind"] == "code" and (pruned / "code" / "rescat_cnn.py").is_file()
     assert info["preprocessing"]["scale"] == 16.0  # recorded from the model directory
@@ -98,7 +100,10 @@ def test_cli_packs_prunes_and_reloads_a_custom_cnn(digit_images, tmp_path, capsy
     ort = pytest.importorskip("onnxruntime")
     onnx_path = mipp.export_onnx(predictor.model, (1, 8, 8), tmp_path / "m.onnx")
     logits = ort.InferenceSession(str(onnx_path)).run(None, {"input": raw["x_test"]})[0]
-    np.testing.assert_allclose(logits, predictor(raw["x_test"]).numpy(), atol=1e-4)
+    expected = predictor(raw["x_test"]).numpy()
+    # float32 noise grows with the logits (up to ~90 here; PyTorch's own float32 forward is
+    # ~1e-4 from float64), so the tolerance is relative to their scale.
+    np.testing.assert_allclose(logits, expected, atol=1e-5 * np.abs(expected).max() + 1e-4)
 
 
 def test_zipped_skip_mlp_package_prunes_with_l1(digit_images, tmp_path, one_thread):
