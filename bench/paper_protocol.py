@@ -31,7 +31,8 @@ that pass is its selection cost. Rows written before this script used the engine
 (field `code` missing) ranked MIPP's units the same way but from MIPP's own pass, without a new
 pass (`mipp_at_counts: "own-pass"`).
 
-    python bench/paper_protocol.py --quick            # < 15 min on 2 quiet cores (MNIST LeNet-5)
+    python bench/paper_protocol.py --quick            # MNIST LeNet-5; sized for < 15 min on 2 quiet
+                                                      # cores (47 min on the shared box, 2 processes)
     python bench/paper_protocol.py --full             # resumable; hours on CPU
     python bench/paper_protocol.py --table [--jsonl F ...]   # markdown tables from raw files
     python bench/paper_protocol.py --plots [--jsonl F ...]   # docs/img/paper_protocol*.png
