@@ -197,3 +197,23 @@ def test_a_layer_norm_is_still_left_alone_and_reported():
     assert find_unit_groups(model, x) == []
     rows = {row["name"]: row["reason"] for row in unprunable_layers(model, x)}
     assert "LayerNorm" in rows["fc1"] and "norm" in rows
+
+
+def test_a_grouped_conv_reading_a_concatenation_is_left_alone_and_reported():
+    class CatGrouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.grouped(torch.cat([self.a(x), self.b(x)], dim=1))
+            return self.fc(x.mean((2, 3)))
+
+    model = CatGrouped()
+    x = torch.randn(2, 1, 6, 6)
+    # Its partitions would tie a's and b's counts together: neither is pruned.
+    assert [g.name for g in find_unit_groups(model, x)] == ["grouped"]
+    rows = {row["name"]: row["reason"] for row in unprunable_layers(model, x)}
+    assert set(rows) == {"a", "b"} and "a concatenation" in rows["a"]
