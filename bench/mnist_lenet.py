@@ -182,22 +182,22 @@ def render(results: Path) -> str:
     out = []
     paths = _read(results / "mnist_lenet-paths.jsonl")
     by_seed: dict[tuple, dict] = {}
-    for r in paths:
-        by_seed.setdefault((r["commit"], r["seed"]), {})[r["label"]] = r
+    for r in paths:  # a seed's two runs back to back; a later run of the same seed replaces them
+        by_seed.setdefault((r["code"], r["seed"]), {})[r["label"]] = r
     pairs = [(k, v) for k, v in by_seed.items() if {"sequential", "fast"} <= set(v)]
     if pairs:
         layers = list(pairs[0][1]["fast"]["masks"])
-        out += ["| commit | seed | " + " | ".join(f"Jaccard {n}" for n in layers)
+        out += ["| code | seed | " + " | ".join(f"Jaccard {n}" for n in layers)
                 + " | kept seq | kept fast | sequential s | fast s | ratio | load avg |",
                 "|---|---|" + "---|" * len(layers) + "---|---|---|---|---|---|"]
-        for (commit, seed), v in pairs:
+        for (code, seed), v in pairs:
             s, f = v["sequential"], v["fast"]
             jac = [_jaccard(s["masks"][n], f["masks"][n]) for n in layers]
             ks = "/".join(str(len(s["masks"][n])) for n in layers)
             kf = "/".join(str(len(f["masks"][n])) for n in layers)
             ts, tf = s["seconds"]["selection"], f["seconds"]["selection"]
             loads = [s["loadavg_before"], s["loadavg_after"], f["loadavg_before"], f["loadavg_after"]]
-            out.append(f"| {commit} | {seed} | " + " | ".join(f"{j:.2f}" for j in jac)
+            out.append(f"| {code} | {seed} | " + " | ".join(f"{j:.2f}" for j in jac)
                        + f" | {ks} | {kf} | {ts:.1f} | {tf:.1f} | {ts / tf:.1f}x "
                        f"| {min(loads):.1f}-{max(loads):.1f} |")
         out.append("")
@@ -207,15 +207,18 @@ def render(results: Path) -> str:
                 "| ThiNet s (same fraction) | MIPP / ThiNet | pruned+refit | retrained "
                 "| ThiNet retrained | load avg |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        single: dict[str, float] = {}
+        single: dict[str, float] = {}  # code label -> its latest one-sweep selection seconds
         for i, r in enumerate(targets):
             if r["label"] == "default tol":
-                single[r["run"][:13] + r["commit"]] = r["seconds"]["selection"]
+                single[r["code"]] = r["seconds"]["selection"]
             if r["label"].startswith("thinet"):
                 continue
-            thinet = next((t for t in targets[i + 1:i + 2] if t["label"].startswith("thinet")), None)
+            # Its ThiNet row: the next row of the same code (two codes may run at once).
+            thinet = next((t for t in targets[i + 1:] if t["code"] == r["code"]), None)
+            if thinet is not None and thinet["label"] != "thinet at " + r["label"][len("target "):]:
+                thinet = None
             sel = r["seconds"]["selection"]
-            one = next((v for k, v in single.items() if k.endswith(r["commit"])), None)
+            one = single.get(r["code"])
             ratio = f"{sel / one:.2f}" if one and r["label"] != "default tol" else "1"
             th_s = f"{thinet['seconds']['selection']:.1f}" if thinet else "-"
             th_ratio = f"{sel / thinet['seconds']['selection']:.0f}x" if thinet else "-"
