@@ -147,9 +147,11 @@ def make_mark_pickle(path: Path) -> None:
 
 
 def make_big_safetensors(path: Path) -> None:
-    header, n = {}, 0
-    while len(json.dumps(header)) < 2**20 - 200:
-        header[f"layer{n}.weight"] = {"dtype": "F32", "shape": [1], "data_offsets": [4 * n, 4 * n + 4]}
+    header, n, size = {}, 0, 2
+    while size < 2**20 - 200:  # the running size: re-encoding the header each time is O(n^2)
+        entry = {"dtype": "F32", "shape": [1], "data_offsets": [4 * n, 4 * n + 4]}
+        header[f"layer{n}.weight"] = entry
+        size += len(json.dumps({f"layer{n}.weight": entry})) - 2 + 2  # minus braces, plus ", "
         n += 1
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 * n))
