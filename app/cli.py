@@ -419,6 +419,7 @@ def cmd_serve(args) -> int:
     base = f"http://{args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{args.port}"
     print(
         f"\nmipp service: data in {settings.data_dir}\n"
+        f"  dashboard:    {base}/ui/  (sign in with an API key)\n"
         f"  API docs:     {base}/docs\n"
         f"  create a key: mipp admin create-user NAME --data-dir {settings.data_dir}\n"
         f"  then:         curl -H 'Authorization: Bearer KEY' {base}/api/v1/users/me\n"

@@ -39,7 +39,8 @@ def test_end_to_end_digits(service, digits_files, inputs, tmp_path):
     model_id, dataset_id = inputs
     submitted = time.monotonic()
     job = service.submit("owner", model_id, dataset_id, FAST_MIPP)
-    assert job["status"] == "queued" and job["attempt"] == 0
+    # An idle worker may claim the job before the submit's answer is built.
+    assert (job["status"], job["attempt"]) in {("queued", 0), ("running", 1)}, job
     seen: list = []
     done = service.wait("owner", job["id"], seen=seen)
     wall = time.monotonic() - submitted
