@@ -157,6 +157,24 @@ def _top(score: torch.Tensor, alive: torch.Tensor | None, k: int) -> list[int]:
     return sorted(order[:max(0, min(k, int(live.sum())))])
 
 
+def _top_in_partitions(score: torch.Tensor, alive: torch.Tensor | None, k: int,
+                       partitions: int) -> list[int]:
+    """The k best live units taken as k / partitions from each equal block, so that a grouped
+    conv stays valid without rounding up; plain `_top` where k does not split evenly or a block
+    has too few live units (the allocator's partition rounding then applies)."""
+    if partitions <= 1 or k % partitions or len(score) % partitions:
+        return _top(score, alive, k)
+    block, per = len(score) // partitions, k // partitions
+    live = _alive(score, alive)
+    kept: list[int] = []
+    for p in range(partitions):
+        part = slice(p * block, (p + 1) * block)
+        if int(live[part].sum()) < per:
+            return _top(score, alive, k)
+        kept += [p * block + i for i in _top(score[part], live[part], per)]
+    return sorted(kept)
+
+
 def _scored(ctx: SelectionContext, method: Method, counts: dict[str, int] | None) -> Selection:
     """Run a scorer (its rounds, if iterative) and keep its top units under the rule."""
     config = ctx.config
@@ -181,7 +199,8 @@ def _scored(ctx: SelectionContext, method: Method, counts: dict[str, int] | None
         if counts is not None:
             step = {g.name: max(counts[g.name], int(round(g.size * (counts[g.name] / g.size)
                                                           ** share))) for g in ctx.groups}
-            keep = keep_top(scores, step, alive)
+            keep = {g.name: _top_in_partitions(scores[g.name], alive[g.name], step[g.name],
+                                               g.partitions) for g in ctx.groups}
         else:
             keep = keep_global(scores, (1 - config.target) ** share, floors, alive)
         alive = {g.name: _mask(g.size, keep[g.name]) for g in ctx.groups}

@@ -217,3 +217,17 @@ def test_a_grouped_conv_reading_a_concatenation_is_left_alone_and_reported():
     assert [g.name for g in find_unit_groups(model, x)] == ["grouped"]
     rows = {row["name"]: row["reason"] for row in unprunable_layers(model, x)}
     assert set(rows) == {"a", "b"} and "a concatenation" in rows["a"]
+
+
+def test_a_scorer_given_counts_that_split_evenly_keeps_exactly_them(trained, digits):
+    """L1 at another method's (already aligned) counts takes count / partitions per block, so
+    the comparison at equal counts stays equal: no rounding up."""
+    counts = {"conv1": 4, "conv2": 8, "conv3": 5}
+    config = PruneConfig(method="l1", allocation="counts", counts=counts, seed=0, device="cpu",
+                         refit=False, retrain=TrainConfig(epochs=0))
+    result = mipp.prune(trained, digits, config)
+    rows = {row["name"]: row for row in result.layers}
+    assert {name: rows[name]["units_after"] for name in counts} == counts
+    assert not any("partition_rounding" in row for row in rows.values())
+    assert _kept_per_partition(result.masks["conv1"], 8, 4) == [1, 1, 1, 1]
+    assert _kept_per_partition(result.masks["conv2"], 16, 4) == [2, 2, 2, 2]
