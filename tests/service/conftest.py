@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,12 +56,12 @@ def require_service(name: str, host: str, port: int) -> None:
 # Real services
 
 
-@pytest.fixture(scope="session")
-def pg_url():
+@contextmanager
+def scratch_pg_database(name: str):
+    """A fresh PostgreSQL database `name` (dropped before and after); yields its URL."""
     require_service("PostgreSQL", PG_HOST, PG_PORT)
     import psycopg
 
-    name = f"mipp_test_{RUN_ID}"
     admin = psycopg.connect(f"host={PG_HOST} port={PG_PORT} user=postgres dbname=postgres",
                             autocommit=True)
     admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -70,6 +71,12 @@ def pg_url():
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    with scratch_pg_database(f"mipp_test_{RUN_ID}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

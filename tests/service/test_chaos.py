@@ -35,8 +35,6 @@ import httpx
 import pytest
 
 from tests.service.conftest import (
-    PG_HOST,
-    PG_PORT,
     REDIS_HOST,
     REDIS_PORT,
     REPO,
@@ -44,7 +42,7 @@ from tests.service.conftest import (
     _common_env,
     _make_service,
     _pythonpath,
-    require_service,
+    scratch_pg_database,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -274,19 +272,9 @@ class Chaos:
 
 @pytest.fixture(scope="module")
 def chaos_pg_url():
-    require_service("PostgreSQL", PG_HOST, PG_PORT)
-    import psycopg
-
-    name = f"mipp_test_{RUN_ID}_chaos"  # its own database: its sweeper touches only its jobs
-    admin = psycopg.connect(f"host={PG_HOST} port={PG_PORT} user=postgres dbname=postgres",
-                            autocommit=True)
-    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    # Its own database: its sweeper touches only its jobs.
+    with scratch_pg_database(f"mipp_test_{RUN_ID}_chaos") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
