@@ -1,8 +1,8 @@
 """Architectures the zoo does not have, pruned by MIPP and by L1 at MIPP's per-layer counts.
 
 The two uploaded-style architectures of the tests (tests/custom_archs): `rescat_cnn` (a residual
-block, a plain 3x3 branch concatenated with a depthwise-separable one, a grouped convolution that
-mipp leaves alone, global pooling) and `skipmlp` (an MLP with a skip connection). Each is built
+block, a plain 3x3 branch concatenated with a depthwise-separable one, a grouped convolution whose
+partitions keep equal counts, global pooling) and `skipmlp` (an MLP with a skip connection). Each is built
 from its source with `mipp.build_code_model`, as the worker builds an uploaded one, trained on
 MNIST, then pruned by MIPP (its own per-layer counts) and by L1 keeping the same number of units
 in every layer (`PruneConfig(method="l1", allocation="counts", counts=MIPP's kept counts)`),
