@@ -149,8 +149,12 @@ def search_tol(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
         fraction = removed_fraction(ctx.groups, {n: d.kept for n, d in decisions.items()})
         tried.append((tol, fraction, decisions))
         fits = sum(d.fits for d in decisions.values())
-        summary = (f"sweep {sweep + 1}/{MAX_SWEEPS} tol={tol:.3g}: removes {fraction:.1%} of "
-                   f"units (target {config.target:.1%} +- 2%), {fits} new fine-tunes")
+        widths = ", ".join(f"{g.name} {g.size}->{len(decisions[g.name].kept)}"
+                           for g in ctx.groups)
+        removed = sum(g.size - len(decisions[g.name].kept) for g in ctx.groups)
+        summary = (f"sweep {sweep + 1}/{MAX_SWEEPS} tol={tol:.3g}: {removed}/{total} units "
+                   f"removed ({fraction:.1%}; target {config.target:.1%} +- 2%; {widths}), "
+                   f"{fits} new fine-tunes")
         log.info("target search %s", summary)  # a milestone for the job's log
         ctx.progress(Phase.SELECTING, (sweep + 1) / MAX_SWEEPS, summary)
         if abs(fraction - config.target) <= 0.02:

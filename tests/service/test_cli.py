@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,16 +65,20 @@ def test_serve_embedded_default(tmp_path):
     port = _free_port()
     serve = subprocess.Popen(_mipp("serve", "--port", str(port)), cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
                 ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                if ready.status_code == 200:
+                # The worker too: Ctrl-C must find it running, not still importing torch.
+                if ready.status_code == 200 and any(" ready." in line for line in lines):
                     break
             except httpx.HTTPError:
                 pass
-            assert serve.poll() is None and time.monotonic() < deadline, serve.stdout.read()
+            assert serve.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.3)
         me = httpx.get(f"http://127.0.0.1:{port}/api/v1/users/me",
                        headers={"Authorization": f"Bearer {key}"}, timeout=5)
@@ -82,7 +87,8 @@ def test_serve_embedded_default(tmp_path):
         assert (tmp_path / "data" / "broker" / "queue").is_dir()
         serve.send_signal(signal.SIGINT)  # what Ctrl-C sends
         serve.wait(40)
-        output = serve.stdout.read()
+        reader.join(10)
+        output = "".join(lines)
     finally:
         if serve.poll() is None:
             serve.kill()
