@@ -487,6 +487,16 @@ def paired(diffs: list[float]) -> dict:
     return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "p": p}
 
 
+def _paired_cell(base: dict, other: dict, value, label: str = "MIPP") -> str:
+    """One table cell: other − base, paired by seed (`value(row)` per row), with its verdict;
+    "–" where the two share no seed."""
+    seeds = sorted(set(base) & set(other))
+    if not seeds:
+        return "–"
+    s = paired([value(other[k]) - value(base[k]) for k in seeds])
+    return f"{_fmt_diff(s)} {verdict(s, label)}"
+
+
 def verdict(s: dict, label: str = "MIPP") -> str:
     """From the other method's point of view: a positive difference means MIPP loses."""
     if s["n"] < 2:
@@ -553,13 +563,8 @@ def _allocation_table(cells, dataset, arch, fractions, choices, refits, budgets,
                     for a in others_a:
                         other = cells.get(("after-training", dataset, arch, f, choice, a,
                                            refit, budget), {})
-                        seeds = sorted(set(base) & set(other))
-                        if not seeds:
-                            parts.append("–")
-                            continue
-                        s = paired([_acc(other[k], stage) - _acc(base[k], stage)
-                                    for k in seeds])
-                        parts.append(f"{_fmt_diff(s)} {verdict(s, 'MIPP counts')}")
+                        parts.append(_paired_cell(base, other, lambda r: _acc(r, stage),
+                                                  "MIPP counts"))
                     removed = statistics.mean(r["removed_fraction"] for r in base.values())
                     epochs = "0" if stage == "0" else f"{next(iter(base.values()))['retrain_epochs']} ep"
                     out.append(f"| {100 * removed:.1f}% | {choice} | {'on' if refit else 'off'} "
@@ -600,12 +605,7 @@ def tables(rows: list[dict], selections: list[dict]) -> str:
                     for c in others:
                         other = cells.get(("after-training", dataset, arch, f, c, "mipp", refit,
                                            budget), {})
-                        seeds = sorted(set(base) & set(other))
-                        if not seeds:
-                            parts.append("–")
-                            continue
-                        s = paired([_acc(other[k], stage) - _acc(base[k], stage) for k in seeds])
-                        parts.append(f"{_fmt_diff(s)} {verdict(s)}")
+                        parts.append(_paired_cell(base, other, lambda r: _acc(r, stage)))
                     removed = statistics.mean(r["removed_fraction"] for r in base.values())
                     epochs = "0" if stage == "0" else f"{next(iter(base.values()))['retrain_epochs']} ep"
                     out.append(f"| {100 * removed:.1f}% | {'on' if refit else 'off'} | {epochs} "
@@ -661,13 +661,7 @@ def tables(rows: list[dict], selections: list[dict]) -> str:
                 parts = []
                 for c in names:
                     other = cells.get(("at-init", dataset, arch, f, c, "mipp", False, "dense"), {})
-                    seeds = sorted(set(base) & set(other))
-                    if not seeds:
-                        parts.append("–")
-                        continue
-                    s = paired([100 * (other[k]["acc_retrained"] - base[k]["acc_retrained"])
-                                for k in seeds])
-                    parts.append(f"{_fmt_diff(s)} {verdict(s)}")
+                    parts.append(_paired_cell(base, other, lambda r: 100 * r["acc_retrained"]))
                 removed = statistics.mean(r["removed_fraction"] for r in base.values())
                 out.append(f"| {dataset} / {arch} | {100 * removed:.1f}% | {len(base)} | "
                            f"{_mean_sd([100 * r['acc_retrained'] for r in base.values()])} | "
