@@ -579,7 +579,9 @@ def tables(rows: list[dict], selections: list[dict]) -> str:
     out = []
     pat = [r for r in rows if r["arm"] == "after-training"]
     models = sorted({(r["dataset"], r["arch"]) for r in pat})
-    budgets = sorted({r["budget"] for r in pat}, key=float)
+    # "1" first: stage "0" (right after pruning and refit, the same for every budget) is read
+    # from the 1-epoch cells, which every part of the design has.
+    budgets = sorted({r["budget"] for r in pat}, key=lambda b: (b != "1", float(b)))
     fractions = sorted({float(r["fraction_target"]) for r in pat})
     refits = sorted({bool(r["refit"]) for r in pat}, reverse=True)
     allocations = [a for a in ALLOCATIONS if any(r["allocation"] == a for r in pat)]
