@@ -88,6 +88,7 @@ def _row(kind: str, label: str, settings: dict, result, code: str, **extra) -> d
             "settings": {k: v for k, v in settings.items()},
             "masks": result.masks, "removed_fraction": m["units"]["removed_fraction"],
             "accuracy": m["accuracy"], "seconds": m["seconds"],
+            "phases": m.get("selection_phases"),
             "loadavg_after": os.getloadavg()[0], "machine": machine(),
             "run": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
 
@@ -127,6 +128,12 @@ def run_targets(args) -> None:
     _append(args.results / "mnist_lenet-targets.jsonl",
             _row("targets", "default tol", {}, single, args.code, seed=args.seeds[0],
                  loadavg_before=load, sweeps=1))
+    reached = single.metrics["units"]["removed_fraction"]
+    load = os.getloadavg()[0]
+    thinet = mipp.prune(model, data, PruneConfig(**base, method="thinet", target=round(reached, 4)))
+    _append(args.results / "mnist_lenet-targets.jsonl",
+            _row("targets", "thinet at default tol", {"method": "thinet", "target": reached},
+                 thinet, args.code, seed=args.seeds[0], loadavg_before=load))
     for target in args.targets:
         counter.sweeps = 0
         load = os.getloadavg()[0]
@@ -208,6 +215,7 @@ def render(results: Path) -> str:
                 "| ThiNet retrained | load avg |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         single: dict[str, float] = {}  # code label -> its latest one-sweep selection seconds
+        phased: list[dict] = []
         for i, r in enumerate(targets):
             if r["label"] == "default tol":
                 single[r["code"]] = r["seconds"]["selection"]
@@ -215,11 +223,14 @@ def render(results: Path) -> str:
                 continue
             # Its ThiNet row: the next row of the same code (two codes may run at once).
             thinet = next((t for t in targets[i + 1:] if t["code"] == r["code"]), None)
-            if thinet is not None and thinet["label"] != "thinet at " + r["label"][len("target "):]:
+            expected = "thinet at " + r["label"].removeprefix("target ")
+            if thinet is not None and thinet["label"] != expected:
                 thinet = None
             sel = r["seconds"]["selection"]
             one = single.get(r["code"])
             ratio = f"{sel / one:.2f}" if one and r["label"] != "default tol" else "1"
+            if r.get("phases"):
+                phased.append(r)
             th_s = f"{thinet['seconds']['selection']:.1f}" if thinet else "-"
             th_ratio = f"{sel / thinet['seconds']['selection']:.0f}x" if thinet else "-"
             th_acc = f"{thinet['accuracy']['retrained']:.4f}" if thinet else "-"
@@ -228,6 +239,24 @@ def render(results: Path) -> str:
                        f"| {r['accuracy']['pruned']:.4f} | {r['accuracy']['retrained']:.4f} "
                        f"| {th_acc} | {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f} |")
         out.append("")
+        phased += [r for v in by_seed.values() for r in v.values() if r.get("phases")]
+        if phased:
+            names = ["activations", "reference_fit", "control", "ordering", "screening",
+                     "finetune"]
+            out += ["Where the selection's seconds go (`selection_phases`; refit is after "
+                    "selection; other = selection - the phases):", "",
+                    "| code (commit) | run | seed | selection s | " + " | ".join(names)
+                    + " | other | refit s | load avg |",
+                    "|---|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+            for r in phased:
+                sel, ph = r["seconds"]["selection"], r["phases"]
+                other = sel - sum(ph.get(n, 0.0) for n in names)
+                out.append(f"| {r['code']} ({r['commit']}) | {r['label']} | {r['seed']} "
+                           f"| {sel:.1f} | "
+                           + " | ".join(f"{ph.get(n, 0.0):.1f}" for n in names)
+                           + f" | {other:.1f} | {r['seconds'].get('refit', 0.0):.2f} "
+                           f"| {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f} |")
+            out.append("")
     redundancy = _read(results / "mnist_lenet-redundancy.jsonl")
     if redundancy:
         out += ["| tol | seeds | exact answer (one of each redundant set kept, nothing else) "
@@ -249,7 +278,8 @@ def main() -> None:
     parser.add_argument("--tols", type=float, nargs="+", default=[0.0, 0.001, 0.002, 0.005, 0.01])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    parser.add_argument("--targets", type=float, nargs="*", default=list(TARGETS),
+                        help="none: the default-tol sweep and its ThiNet only")
     parser.add_argument("--code", default="after", help="label of the code under test")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -72,9 +72,15 @@ class ReconstructorConfig(BaseModel):
     epochs: int = Field(100, ge=1, le=10_000, description="Budget of the reference fit (spec step 6).")
     finetune_epochs: int = Field(
         25, ge=1, le=10_000, description="Budget of each masked fine-tune (step 7).")
+    finetune_batch_size: int | None = Field(
+        None, ge=8, le=65_536, description="Rows per step of the control and the masked "
+        "fine-tunes (None: batch_size).")
     patience: int = Field(3, ge=1, le=10_000, description="Early-stopping patience on validation loss.")
     ordering_epochs: int = Field(
         30, ge=1, le=10_000, description="Budget of the single-unit predictors.")
+    min_delta: float = Field(
+        0.0, ge=0, lt=1, description="Early stopping counts an epoch as an improvement only "
+        "when it lowers the validation loss by more than this fraction (0: any decrease).")
     compensate: bool = Field(
         True, description="Start each masked fine-tune from a least-squares compensation.")
     screen_keep: float = Field(

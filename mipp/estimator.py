@@ -106,12 +106,15 @@ def epoch_orders(n: int, epochs: int, seed: int, device: torch.device | str = "c
 def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float,
         batch_size: int, generator: torch.Generator | None = None,
         mask: torch.Tensor | None = None, x_per_model: bool = False,
-        orders: list[torch.Tensor] | None = None) -> torch.Tensor:
+        orders: list[torch.Tensor] | None = None, min_delta: float = 0.0) -> torch.Tensor:
     """Train every model with Adam on MSE, early stopping each on its own validation loss.
 
     Each model stops on its own: once it has waited `patience` epochs without improving it
     takes no more optimiser steps and its best loss no longer changes, exactly as if it had
     been fitted alone (stopped models leave the batch, so the batch also gets cheaper).
+    min_delta: an epoch counts as an improvement for patience only when it lowers the model's
+    loss by more than this fraction below its last counted improvement (0: any decrease);
+    the best weights still follow every decrease.
     mask: (B, d_in) of 0/1, the input columns each model may see (masked columns are set to 0,
     the mean of a standardised column). x_per_model: split.x_* are (B, n, d_in), one input per
     model (the single-unit predictors). orders: the minibatch order per epoch (see
@@ -124,6 +127,7 @@ def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     best_params = [p.detach().clone() for p in params]
     best = evaluate_split(mlps, split, mask, x_per_model)
+    anchor = best.clone()  # loss at each model's last counted improvement
     alive = torch.arange(mlps.n_models, device=device)  # global index of each model still training
     waited = torch.zeros(mlps.n_models, dtype=torch.long, device=device)
     x_train, x_val, m = split.x_train, split.x_val, mask
@@ -142,12 +146,16 @@ def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float
             # Adam (torch.optim.Adam's update, written out so that a subset of models can
             # leave the batch with its moments).
             correction1, correction2 = 1 - beta1 ** step, 1 - beta2 ** step
-            with torch.no_grad():
-                for p, g, (m1, m2) in zip(params, grads, moments):
-                    m1.mul_(beta1).add_(g, alpha=1 - beta1)
-                    m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    denom = (m2 / correction2).sqrt_().add_(eps)
-                    p.addcdiv_(m1, denom, value=-lr / correction1)
+            with torch.no_grad():  # the same element-wise ops, one call for all 4 tensors
+                first, second = [m1 for m1, _ in moments], [m2 for _, m2 in moments]
+                torch._foreach_mul_(first, beta1)
+                torch._foreach_add_(first, grads, alpha=1 - beta1)
+                torch._foreach_mul_(second, beta2)
+                torch._foreach_addcmul_(second, grads, grads, value=1 - beta2)
+                denom = torch._foreach_div(second, correction2)
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(params, first, denom, value=-lr / correction1)
         with torch.no_grad():
             if x_per_model:
                 val = per_model_loss(_forward(params, x_val), split.y_val)
@@ -155,7 +163,9 @@ def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float
                 val = _evaluate_params(params, x_val, split.y_val, m)
             improved = val < best[alive]
             best[alive] = torch.where(improved, val, best[alive])
-            waited[alive] = torch.where(improved, 0, waited[alive] + 1)
+            counted = val < anchor[alive] * (1 - min_delta) if min_delta > 0 else improved
+            anchor[alive] = torch.where(counted, val, anchor[alive])
+            waited[alive] = torch.where(counted, 0, waited[alive] + 1)
             if bool(improved.any()):
                 rows = alive[improved]
                 for saved, p in zip(best_params, params):

@@ -196,6 +196,8 @@ def prune(model: nn.Module, data, config: PruneConfig = PruneConfig(), *,
         "calibration_samples": n_calib,
         "seconds": timer.seconds,
     })
+    if selection.phases:  # where the selection's seconds went (MIPP records them)
+        metrics["selection_phases"] = selection.phases
     progress(Phase.SAVING, 1.0, "done")
     return PruneResult(model=pruned.cpu().eval(), spec=spec, history=history, masks=masks,
                        layers=layers, metrics=metrics, config=config,

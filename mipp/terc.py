@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,30 @@ from scipy import stats
 from mipp.config import PruneConfig
 from mipp.estimator import (BatchedMLP, Compensator, Split, empty_loss, epoch_orders,
                             evaluate_split, fit, hidden_width, split_rows, standardise)
+
+
+PHASES = ("reference_fit", "control", "ordering", "screening", "finetune")
+
+
+class PhaseClock:
+    """Seconds spent per phase of a layer's selection (perf_counter sums; cheap).
+
+        clock = PhaseClock()
+        with clock("screening"):
+            ...
+        clock.seconds == {"screening": 0.12}
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -48,12 +73,17 @@ class LayerDecision:
     fits: int = 0
     screened: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict:
+        """phases: seconds this call spent per phase (PHASES; a target search's later sweeps
+        reuse the reference fit, control and ordering, and spend 0 s on them)."""
         return {"units_before": self.size, "units_after": len(self.kept),
                 "constant_units": len(self.constant), "loss_empty": self.loss_empty,
                 "loss_ref": self.loss_ref, "mi_estimate": self.mi,
-                "candidate_fits": self.fits, "screened_tests": self.screened, "seconds": round(self.seconds, 3)}
+                "candidate_fits": self.fits, "screened_tests": self.screened,
+                "seconds": round(self.seconds, 3),
+                "phases": {k: round(v, 3) for k, v in self.phases.items()}}
 
 
 class _Test:
@@ -82,7 +112,8 @@ def _unit_order(split: Split, units: list[int], config: PruneConfig,
     mlps = BatchedMLP.create(len(units), 1, min(32, hidden_width(split.y_train.shape[1], rc.hidden_cap)),
                              split.y_train.shape[1], generator=generator, device=split.x_train.device)
     losses = fit(mlps, per_unit, epochs=rc.ordering_epochs, patience=rc.patience, lr=rc.lr,
-                 batch_size=rc.batch_size, generator=generator, x_per_model=True)
+                 batch_size=rc.batch_size, generator=generator, x_per_model=True,
+                 min_delta=rc.min_delta)
     ranked = torch.argsort(losses, descending=True, stable=True).tolist()
     return [units[i] for i in ranked]
 
@@ -104,9 +135,10 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     started = time.perf_counter()
     progress = progress or (lambda fraction, message: None)
     memo = {} if memo is None else memo
+    clock = PhaseClock()
     if "layer" not in memo:
         progress(0.0, "reference fit")
-        memo["layer"] = _prepare_layer(x, y, config, seed)
+        memo["layer"] = _prepare_layer(x, y, config, seed, clock)
         memo["results"] = {}
     layer: _Layer = memo["layer"]
     results_memo: dict[tuple[int, ...], tuple[torch.Tensor, bool]] = memo["results"]
@@ -116,7 +148,8 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     scale = layer.mi if config.tol_scale == "mi" else layer.loss_ref
     scale = max(scale, 0.0)
     threshold = config.tol * scale
-    fit_kw = dict(patience=rc.patience, lr=rc.lr, batch_size=rc.batch_size, orders=layer.orders)
+    fit_kw = dict(patience=rc.patience, lr=rc.lr, orders=layer.orders, min_delta=rc.min_delta,
+                  batch_size=rc.finetune_batch_size or rc.batch_size)
     decision = LayerDecision(size=d, kept=[], pruned=list(layer.pruned), constant=layer.constant,
                              order=layer.order, loss_empty=layer.loss_empty,
                              loss_ref=layer.loss_ref, mi=layer.mi)
@@ -151,6 +184,50 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
             done |= lower > rc.screen_keep * threshold
         return d_start, done
 
+    narrowed: dict[tuple[int, ...], Split] = {}
+
+    def narrow(models: BatchedMLP, mask: torch.Tensor) -> tuple[BatchedMLP, Split, torch.Tensor]:
+        """`models`, the split and `mask` without the columns that every model has masked.
+
+        A masked column's weights get no gradient and Adam moves them by 0, so dropping it
+        changes nothing but the cost (up to float rounding): late in a walk most columns are
+        pruned in every set, and the first layer's product is most of a fine-tune's work."""
+        seen = mask.amax(0) > 0
+        if bool(seen.all()):
+            return models, split, mask
+        columns = torch.nonzero(seen).flatten()
+        key = tuple(columns.tolist())
+        if key not in narrowed:
+            narrowed[key] = Split(split.x_train[:, columns], split.y_train,
+                                  split.x_val[:, columns], split.y_val)
+        w1, b1, w2, b2 = (p.detach() for p in models.parameters())
+        return BatchedMLP(w1[:, columns].clone(), b1.clone(), w2.clone(), b2.clone()), \
+            narrowed[key], mask[:, columns]
+
+    def finetune(tune: list[int], start: BatchedMLP, mask: torch.Tensor
+                 ) -> dict[int, torch.Tensor]:
+        """d (R,) after the masked fine-tune, for each set index in `tune`."""
+        tuned: dict[int, torch.Tensor] = {}
+        if config.path == "sequential":
+            # The reference path: each of the R repeats of each set fitted alone.
+            for j in tune:
+                losses = []
+                for r in range(config.repeats):
+                    row = j * config.repeats + r
+                    model, rows_split, model_mask = narrow(start.pick(row), mask[row:row + 1])
+                    losses.append(fit(model, rows_split, epochs=rc.finetune_epochs,
+                                      mask=model_mask, **fit_kw))
+                tuned[j] = torch.cat(losses) - loss_ref_r
+            return tuned
+        rows = torch.cat([torch.arange(j * config.repeats, (j + 1) * config.repeats)
+                          for j in tune]).to(device)
+        models = BatchedMLP(*(p.detach()[rows] for p in start.parameters()))
+        models, rows_split, rows_mask = narrow(models, mask[rows])
+        losses = fit(models, rows_split, epochs=rc.finetune_epochs, mask=rows_mask, **fit_kw)
+        for k, j in enumerate(tune):
+            tuned[j] = losses[k * config.repeats:(k + 1) * config.repeats] - loss_ref_r
+        return tuned
+
     def run(sets: list[list[int]]) -> list[tuple[torch.Tensor, bool]]:
         """d (R,) and whether it was fine-tuned, per removal set; memoised by set."""
         keys = [tuple(sorted(s)) for s in sets]
@@ -158,25 +235,14 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
         if todo:
             new_sets = [sets[i] for i in todo]
             mask = masks_for(new_sets)
-            start = starts(new_sets)
-            d_start, done = screen(start, mask)
+            with clock("screening"):
+                start = starts(new_sets)
+                d_start, done = screen(start, mask)
             tune = [j for j in range(len(new_sets)) if not bool(done[j])]
             tuned: dict[int, torch.Tensor] = {}
-            if tune and config.path == "sequential":
-                # The reference path: each of the R repeats of each set fitted alone.
-                for j in tune:
-                    block = slice(j * config.repeats, (j + 1) * config.repeats)
-                    losses = [fit(start.pick(j * config.repeats + r), split, epochs=rc.finetune_epochs,
-                                  mask=mask[block][r:r + 1], **fit_kw)
-                              for r in range(config.repeats)]
-                    tuned[j] = torch.cat(losses) - loss_ref_r
-            elif tune:
-                rows = torch.cat([torch.arange(j * config.repeats, (j + 1) * config.repeats)
-                                  for j in tune]).to(device)
-                models = BatchedMLP(*(p.detach()[rows].clone() for p in start.parameters()))
-                losses = fit(models, split, epochs=rc.finetune_epochs, mask=mask[rows], **fit_kw)
-                for k, j in enumerate(tune):
-                    tuned[j] = (losses[k * config.repeats:(k + 1) * config.repeats] - loss_ref_r)
+            if tune:
+                with clock("finetune"):
+                    tuned = finetune(tune, start, mask)
             for j, i in enumerate(todo):
                 results_memo[keys[i]] = (tuned.get(j, d_start[j]), j in tuned)
                 decision.fits += int(j in tuned)
@@ -225,6 +291,7 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     decision.kept = sorted(decision.kept)
     decision.pruned = sorted(decision.pruned)
     decision.seconds = time.perf_counter() - started
+    decision.phases = dict(clock.seconds)
     return decision
 
 
@@ -248,8 +315,11 @@ class _Layer:
     compensator: Compensator
 
 
-def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: int) -> _Layer:
-    """Standardise, split, fit the reference and the control, order the units (steps 3-6)."""
+def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: int,
+                   clock: PhaseClock | None = None) -> _Layer:
+    """Standardise, split, fit the reference and the control, order the units (steps 3-6);
+    `clock` collects the seconds of the reference fit, the control and the ordering."""
+    clock = clock or PhaseClock()
     rc = config.reconstructor
     generator = torch.Generator().manual_seed(seed)
     d = x.shape[1]
@@ -266,8 +336,9 @@ def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: 
     loss_empty = empty_loss(split)
     reference = BatchedMLP.create(config.repeats, d, hidden_width(ys.shape[1], rc.hidden_cap),
                                   ys.shape[1], generator=generator, device=xs.device)
-    fit(reference, split, epochs=rc.epochs, patience=rc.patience, lr=rc.lr,
-        batch_size=rc.batch_size, generator=generator)
+    with clock("reference_fit"):
+        fit(reference, split, epochs=rc.epochs, patience=rc.patience, lr=rc.lr,
+            batch_size=rc.batch_size, generator=generator, min_delta=rc.min_delta)
     # Every fine-tune of this layer (the control and each masked copy) sees the same
     # minibatches, drawn once from the seed: then d measures the mask alone, and a fit gets the
     # same budget and the same batches whichever path runs it and whichever block it sits in.
@@ -275,13 +346,16 @@ def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: 
     # The control: the same short fine-tune without a mask, so that d measures the mask only.
     control = reference.copy()
     loss_start_r = evaluate_split(reference, split)
-    if config.control:
-        loss_ref_r = fit(control, split, epochs=rc.finetune_epochs, patience=rc.patience,
-                         lr=rc.lr, batch_size=rc.batch_size, orders=orders)
-    else:
-        loss_ref_r = evaluate_split(control, split)
+    with clock("control"):
+        if config.control:
+            loss_ref_r = fit(control, split, epochs=rc.finetune_epochs, patience=rc.patience,
+                             lr=rc.lr, batch_size=rc.finetune_batch_size or rc.batch_size,
+                             orders=orders, min_delta=rc.min_delta)
+        else:
+            loss_ref_r = evaluate_split(control, split)
     loss_ref = float(loss_ref_r.mean())
-    order = _unit_order(split, live, config, generator)
+    with clock("ordering"):
+        order = _unit_order(split, live, config, generator)
     return _Layer(d=d, split=split, reference=reference, loss_ref_r=loss_ref_r,
                   loss_start_r=loss_start_r,
                   loss_empty=loss_empty, loss_ref=loss_ref, mi=loss_empty - loss_ref,

@@ -38,10 +38,14 @@ class SelectionContext:
 
 @dataclass
 class Selection:
-    """Kept unit indices per group name, and per-layer figures for the report."""
+    """Kept unit indices per group name, and per-layer figures for the report.
+
+    phases: seconds the selection spent per phase, summed over layers (a method that records
+    them; MIPP: activations, reference_fit, control, ordering, screening, finetune)."""
 
     keep: dict[str, list[int]]
     layers: dict[str, dict] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def removed_fraction(groups: list[UnitGroup], keep: dict[str, list[int]]) -> float:

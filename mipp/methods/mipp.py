@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 
 import torch
@@ -77,10 +78,12 @@ def choose_mipp(ctx: SelectionContext, counts: Mapping[str, int] | None) -> Sele
     if counts is None:
         return select_mipp(ctx)
     ctx.progress(Phase.CAPTURING, 0.0, "recording activations")
+    started = time.perf_counter()
     acts, logits = capture_unit_activations(ctx.model, ctx.groups, ctx.x, device=ctx.device)
+    capture = time.perf_counter() - started
     decisions = _mipp_pass(ctx, acts, logits, ctx.config,
                            lambda f, m: ctx.progress(Phase.SELECTING, f, m), counts=counts)
-    return _selection(decisions, ctx.config.tol)
+    return _selection([decisions], ctx.config.tol, capture)
 
 
 def _at_count(decision: LayerDecision, count: int) -> LayerDecision:
@@ -104,22 +107,24 @@ def select_mipp(ctx: SelectionContext) -> Selection:
     is within 0.02 of the target.
     """
     ctx.progress(Phase.CAPTURING, 0.0, "recording activations")
+    started = time.perf_counter()
     acts, logits = capture_unit_activations(ctx.model, ctx.groups, ctx.x, device=ctx.device)
+    capture = time.perf_counter() - started
     ctx.progress(Phase.CAPTURING, 1.0, f"{len(ctx.x)} samples, {len(ctx.groups)} layers")
     config = ctx.config
     if config.target is None:
         decisions = _mipp_pass(ctx, acts, logits, config,
                                lambda f, m: ctx.progress(Phase.SELECTING, f, m))
-        return _selection(decisions, config.tol)
-    tol, decisions = search_tol(ctx, acts, logits)
-    return _selection(decisions, tol)
+        return _selection([decisions], config.tol, capture)
+    tol, decisions, sweeps = search_tol(ctx, acts, logits)
+    return _selection(sweeps, tol, capture, chosen=decisions)
 
 
 MAX_SWEEPS = 4
 
 
 def search_tol(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: torch.Tensor
-               ) -> tuple[float, dict[str, LayerDecision]]:
+               ) -> tuple[float, dict[str, LayerDecision], list[dict[str, LayerDecision]]]:
     """The target search: the `tol` whose sweep removes `ctx.config.target` of all units.
 
     One sweep at `config.tol` records every test's loss increase; the next tol is the one at
@@ -127,7 +132,8 @@ def search_tol(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
     there verifies it. The sweeps share their fits: a layer
     whose target is unchanged reuses its reference fit and every test already made, so a
     verifying sweep pays only for the tests that differ. At most MAX_SWEEPS sweeps, stopping
-    within 0.02 of the target; returns the closest sweep's tol and decisions.
+    within 0.02 of the target; returns the closest sweep's tol and decisions, and every
+    sweep's decisions (for the phase split).
     acts/logits: from `capture_unit_activations`.
     """
     config = ctx.config
@@ -171,7 +177,7 @@ def search_tol(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
     tol, fraction, decisions = min(tried, key=lambda t: abs(t[1] - config.target))
     log.info("target search chose tol=%.3g after %d sweeps: removes %.1f%% of units",
              tol, len(tried), 100 * fraction)
-    return tol, decisions
+    return tol, decisions, [t[2] for t in tried]
 
 
 def _tol_for(decisions: Mapping[str, LayerDecision], goal: float, config: PruneConfig) -> float:
@@ -212,7 +218,17 @@ def _tol_for(decisions: Mapping[str, LayerDecision], goal: float, config: PruneC
     return high
 
 
-def _selection(decisions: dict[str, LayerDecision], tol: float) -> Selection:
+def _selection(sweeps: list[dict[str, LayerDecision]], tol: float, capture_seconds: float,
+               chosen: dict[str, LayerDecision] | None = None) -> Selection:
+    """The Selection of `chosen` (default: the last sweep), with the phase seconds of every
+    sweep summed (activations: the one recording of all layers)."""
+    decisions = chosen if chosen is not None else sweeps[-1]
     layers = {name: {**d.summary(), "tol": tol, "order": d.order, "tests": d.units}
               for name, d in decisions.items()}
-    return Selection(keep={name: d.kept for name, d in decisions.items()}, layers=layers)
+    phases = {"activations": capture_seconds}
+    for sweep in sweeps:
+        for d in sweep.values():
+            for name, seconds in d.phases.items():
+                phases[name] = phases.get(name, 0.0) + seconds
+    return Selection(keep={name: d.kept for name, d in decisions.items()}, layers=layers,
+                     phases={k: round(v, 3) for k, v in phases.items()})
