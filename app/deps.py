@@ -11,15 +11,17 @@ from typing import Annotated
 
 import anyio
 from fastapi import Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Select
+from sqlalchemy import Select, bindparam
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound, Unauthorized
 from app.limits import check_rate
 from app.models import Dataset, Job, ModelFile, Sweep, User
 from app.queue import JobQueue
-from app.security import user_for_key
+from app.schemas import JobOut
+from app.security import USER_FOR_KEY, hash_key, user_for_key
 from app.settings import Settings
 from app.storage import ObjectStore
 
@@ -64,22 +66,36 @@ QueueDep = Annotated[JobQueue, Depends(get_queue)]
 bearer = HTTPBearer(auto_error=False, description="An API key from `mipp admin create-user`.")
 
 
-def get_current_user(
-    request: Request,
-    session: SessionDep,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> User:
-    """The key's user (401 for a missing, unknown or revoked key), after spending one of
-    the key's requests (429 with Retry-After when it is over its rate; app.limits)."""
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    found = user_for_key(session, credentials.credentials)
+    return credentials.credentials
+
+
+def admit(request: Request, settings: Settings, found: tuple[User, str] | None) -> User:
+    """The user of a key lookup's (user, key id) (401 when the key was unknown or revoked),
+    after spending one of the key's requests (429 with Retry-After when it is over its rate;
+    app.limits)."""
     if found is None:
         raise Unauthorized("invalid or revoked API key")
     user, key_id = found
     check_rate(request.app.state, user, key_id, settings)
     return user
+
+
+def authenticate(request: Request, session: Session, settings: Settings,
+                 credentials: HTTPAuthorizationCredentials | None) -> User:
+    """The key's user: 401 for a missing, unknown or revoked key, 429 over its rate (admit).
+    Blocking (one query): call it from the thread pool."""
+    return admit(request, settings, user_for_key(session, bearer_token(credentials)))
+
+
+def get_current_user(request: Request, session: SessionDep, settings: SettingsDep,
+                     credentials: Credentials) -> User:
+    return authenticate(request, session, settings, credentials)
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]
@@ -95,10 +111,14 @@ def visible(stmt: Select, column, user: User) -> Select:
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
-def owned_row(session: Session, cls, object_id: str, user: User, what: str):
+def check_id(object_id: str, what: str) -> None:
     if not ID_PATTERN.fullmatch(object_id):
         shown = object_id if len(object_id) <= 40 else object_id[:40] + "..."
         raise NotFound(f"{what} {shown!r} not found (ids are 32 hex characters)")
+
+
+def owned_row(session: Session, cls, object_id: str, user: User, what: str):
+    check_id(object_id, what)
     row = session.get(cls, object_id)
     if row is None or (row.owner_id != user.id and not user.is_admin):
         # Another user's id answers exactly like a missing one.
@@ -128,7 +148,41 @@ def owned_sweep(session: SessionDep, user: CurrentUser,
     return owned_row(session, Sweep, sweep_id, user, "sweep")
 
 
+# The columns a job's answer shows (JobOut's fields): read as a row, not an ORM instance,
+# and without the masks (they can be large, and no answer shows them).
+JOB_OUT_COLUMNS = tuple(Job.__table__.c[name] for name in JobOut.model_fields)
+# The key's user and the job in one round trip (the job's columns are NULL when no such id).
+_KEY_AND_JOB = USER_FOR_KEY.add_columns(*JOB_OUT_COLUMNS).outerjoin_from(
+    User, Job.__table__, Job.__table__.c.id == bindparam("job_id"))
+
+
+async def viewed_job(request: Request, session: SessionDep, settings: SettingsDep,
+                     credentials: Credentials,
+                     job_id: Annotated[str, Path(description="The job's id.")]) -> JobOut:
+    """The caller's job as its answer, for a route that only shows it; the same 401, 429 and
+    404 answers as CurrentUser then OwnedJob. The key check and the job are one query, run
+    with the session's close in one thread-pool hop, so the connection is back in the pool
+    before the answer is written."""
+
+    def load() -> JobOut:
+        token = bearer_token(credentials)
+        if not ID_PATTERN.fullmatch(job_id):
+            authenticate(request, session, settings, credentials)
+            check_id(job_id, "job")  # raises the 404
+        row = session.execute(_KEY_AND_JOB, {"key_hash": hash_key(token), "job_id": job_id}
+                              ).first()
+        user = admit(request, settings, None if row is None else (row[0], row[1]))
+        job = dict(zip(JobOut.model_fields, row[2:]))
+        if job["id"] is None or (job["owner_id"] != user.id and not user.is_admin):
+            raise NotFound(f"job {job_id!r} not found")  # as owned_row answers
+        session.close()
+        return JobOut.model_validate(job)
+
+    return await run_in_threadpool(load)
+
+
 OwnedJob = Annotated[Job, Depends(owned_job)]
+ViewedJob = Annotated[JobOut, Depends(viewed_job)]
 OwnedSweep = Annotated[Sweep, Depends(owned_sweep)]
 OwnedModel = Annotated[ModelFile, Depends(owned_model)]
 OwnedDataset = Annotated[Dataset, Depends(owned_dataset)]

@@ -40,10 +40,15 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        too_large = JSONResponse(
-            {"detail": f"request body above the limit of {self.max_bytes} bytes", "code": "too_large"},
-            status_code=413,
-        )
+
+        async def too_large(scope: Scope, receive: Receive, send: Send) -> None:
+            answer = JSONResponse(
+                {"detail": f"request body above the limit of {self.max_bytes} bytes",
+                 "code": "too_large"},
+                status_code=413,
+            )
+            await answer(scope, receive, send)
+
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_large(scope, receive, send)
         seen = 0

@@ -41,10 +41,16 @@ def check_text(value: str | None, field: str, max_chars: int = MAX_NAME_CHARS) -
     return value
 
 
-def page(session: Session, stmt: Select, order_by, limit: int, offset: int) -> tuple[list, int]:
-    total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
-    rows = session.scalars(stmt.order_by(order_by).limit(limit).offset(offset)).all()
-    return list(rows), int(total or 0)
+def page(session: Session, stmt: Select, order_by, limit: int, offset: int,
+         rows: bool = False) -> tuple[list, int]:
+    """One page of `stmt` and the total it matches: its first column's values (an ORM
+    entity), or with `rows` whole rows of a select of columns, read without the ORM (no
+    instances to build)."""
+    run = session.connection().execute if rows else session.execute
+    count = select(func.count()).select_from(stmt.order_by(None).subquery())
+    total = run(count).scalar()
+    result = run(stmt.order_by(order_by).limit(limit).offset(offset))
+    return list(result.all() if rows else result.scalars().all()), int(total or 0)
 
 
 @contextmanager

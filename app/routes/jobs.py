@@ -17,7 +17,8 @@ from sqlalchemy import select
 from app.core import jobs
 from app.core.jobs import JobRequest
 from app.core.housekeeping import delete_job_files
-from app.deps import CurrentUser, OwnedJob, QueueDep, SessionDep, SettingsDep, StoreDep, visible
+from app.deps import (JOB_OUT_COLUMNS, CurrentUser, OwnedJob, QueueDep, SessionDep, SettingsDep,
+                      StoreDep, ViewedJob, visible)
 from app.errors import InvalidRequest, NotFound
 from app.models import Job, JobLogLine, JobStatus
 from app.routes.common import AUTHENTICATED, Limit, Offset, check_text, error_responses, page
@@ -56,7 +57,7 @@ def submit_job(
 
 
 @router.get("", response_model=Page[JobOut], responses=error_responses(422))
-def list_jobs(
+async def list_jobs(
     user: CurrentUser,
     session: SessionDep,
     status: Annotated[list[str] | None, Query(description="Filter; repeat for several.")] = None,
@@ -69,7 +70,7 @@ def list_jobs(
     offset: Offset = 0,
 ):
     """Your jobs (an admin: everyone's), newest first."""
-    stmt = visible(select(Job), Job.owner_id, user)
+    stmt = visible(select(*JOB_OUT_COLUMNS), Job.owner_id, user)
     if status:
         unknown = sorted(set(status) - set(JobStatus.ALL))
         if unknown:
@@ -81,15 +82,24 @@ def list_jobs(
                           (Job.dataset_id, dataset_id)):
         if value:
             stmt = stmt.where(column == value)
-    items, total = page(session, stmt, Job.created_at.desc(), limit, offset)
-    return Page[JobOut](items=items, total=total, limit=limit, offset=offset)
+
+    def load() -> Page[JobOut]:
+        # One thread-pool hop for both queries and the rows' conversion (the columns an answer
+        # shows, as rows: no ORM instances); the session closes in it, so the connection is
+        # back in the pool before the answer is written.
+        rows, total = page(session, stmt, Job.created_at.desc(), limit, offset, rows=True)
+        session.close()
+        return Page[JobOut](items=[JobOut.model_validate(r) for r in rows], total=total,
+                            limit=limit, offset=offset)
+
+    return await run_in_threadpool(load)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404, 422))
-async def get_job(job: OwnedJob):
+async def get_job(job: ViewedJob):
     """One job: status, phase, progress and ETA, then its metrics, tol and units per layer."""
-    # async: the row is loaded (columns only) by the dependency; answering it needs no I/O,
-    # so no thread-pool hop for the call nor for the response's validation.
+    # async: the key check and the row's load are one thread-pool hop in the dependency;
+    # answering needs no I/O, so none for the call nor for the response's validation.
     return job
 
 

@@ -80,6 +80,11 @@ def test_revoked_key_answers_401(service, run_admin):
     with pytest.raises(ServiceError) as refused:
         api.me()
     assert refused.value.status == 401 and refused.value.code == "unauthorized"
+    # GET /jobs/{id} checks the key in the same query as it loads the job: 401 there too,
+    # before any 404 (well-formed or malformed id).
+    for job_id in ("0" * 32, "not-an-id"):
+        answer = service.client.get(f"/api/v1/jobs/{job_id}", headers=service.headers("revoked"))
+        assert answer.status_code == 401 and answer.json()["code"] == "unauthorized"
     code, out, _ = admin(run_admin, service, "keys", name)
     assert code == 0 and token[:12] in out and "revoked" in out
 
@@ -126,6 +131,9 @@ def test_request_rate_answers_429_with_retry_after(service, run_admin):
         api.me()
     response = service.client.get("/api/v1/users/me", headers=service.headers("chatty"))
     assert response.status_code == 429
+    # The job view spends from the same bucket (its key check is its own query).
+    job_view = service.client.get(f"/api/v1/jobs/{'0' * 32}", headers=service.headers("chatty"))
+    assert job_view.status_code == 429 and job_view.json()["code"] == "rate_limited"
     body = response.json()
     assert body["code"] == "rate_limited" and "3 requests per minute" in body["detail"]
     assert f"mipp admin quota {name} --requests-per-minute" in body["detail"]
