@@ -71,16 +71,23 @@ class ReconstructorConfig(BaseModel):
     batch_size: int = Field(256, ge=8, le=65_536, description="Calibration rows per step.")
     epochs: int = Field(100, ge=1, le=10_000, description="Budget of the reference fit (spec step 6).")
     finetune_epochs: int = Field(
-        25, ge=1, le=10_000, description="Budget of each masked fine-tune (step 7).")
+        12, ge=1, le=10_000, description="Budget of the control and each masked fine-tune "
+        "(step 7).")
     finetune_batch_size: int | None = Field(
-        None, ge=8, le=65_536, description="Rows per step of the control and the masked "
+        512, ge=8, le=65_536, description="Rows per step of the control and the masked "
         "fine-tunes (None: batch_size).")
     patience: int = Field(3, ge=1, le=10_000, description="Early-stopping patience on validation loss.")
     ordering_epochs: int = Field(
-        30, ge=1, le=10_000, description="Budget of the single-unit predictors.")
+        10, ge=1, le=10_000, description="Budget of the single-unit predictors.")
     min_delta: float = Field(
-        0.0, ge=0, lt=1, description="Early stopping counts an epoch as an improvement only "
+        0.01, ge=0, lt=1, description="Early stopping counts an epoch as an improvement only "
         "when it lowers the validation loss by more than this fraction (0: any decrease).")
+    linear_below: int = Field(
+        0, ge=0, le=1_000_000, description="Layers with at most this many units get linear "
+        "reconstructors (no ReLU; 0: none).")
+    logits_loss: Literal["mse", "ce"] = Field(
+        "mse", description="Loss of the last hidden layer's reconstructors: MSE on the "
+        "standardised logits, or cross-entropy on the network's class probabilities.")
     compensate: bool = Field(
         True, description="Start each masked fine-tune from a least-squares compensation.")
     screen_keep: float = Field(
@@ -134,7 +141,10 @@ class PruneConfig(BaseModel):
         "sequential: one at a time (the reference).")
     speculation: Literal["auto", "prune", "keep", "off"] = Field(
         "auto", description="What the fast path assumes of a block's candidates.")
-    block_size: int = Field(8, ge=1, le=256, description="Candidates per batched block (fast path).")
+    block_size: int | None = Field(
+        None, ge=1, le=256, description="Candidates per batched block (fast path); None: 2 on "
+        "the CPU (fits are compute-bound there, so speculation that goes stale costs its full "
+        "price), 8 on an accelerator.")
     refit: bool = Field(True, description="Least-squares refit of the next layer after removal.")
     retrain: TrainConfig = Field(
         TrainConfig(epochs=1), description="Retraining after pruning (epochs 0: none).")

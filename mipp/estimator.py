@@ -23,13 +23,15 @@ from torch import nn
 class Split:
     """Standardised calibration activations split into train and validation rows.
 
-    x_*: (n, d_in); y_*: (n, d_out).
+    x_*: (n, d_in); y_*: (n, d_out). loss: "mse" (y standardised) or "ce" (y holds class
+    probabilities, the models output logits: cross-entropy).
     """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
+    loss: str = "mse"
 
 
 class BatchedMLP(nn.Module):
@@ -38,20 +40,24 @@ class BatchedMLP(nn.Module):
     forward(x): x is (B, n, d_in) or (n, d_in) shared by all models; returns (B, n, d_out).
     """
 
-    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
+    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                 linear: bool = False):
         super().__init__()
         self.w1, self.b1 = nn.Parameter(w1), nn.Parameter(b1)
         self.w2, self.b2 = nn.Parameter(w2), nn.Parameter(b2)
+        self.linear = linear  # no ReLU: a linear reconstructor (two linear maps)
 
     @classmethod
     def create(cls, n_models: int, d_in: int, hidden: int, d_out: int, *,
-               generator: torch.Generator, device: torch.device | str = "cpu") -> BatchedMLP:
+               generator: torch.Generator, device: torch.device | str = "cpu",
+               linear: bool = False) -> BatchedMLP:
         """Kaiming-uniform init like nn.Linear, drawn from `generator` (on the CPU, then moved)."""
         def uniform(shape, fan_in):
             bound = 1.0 / math.sqrt(fan_in)
             return (torch.rand(shape, generator=generator) * 2 - 1).mul_(bound).to(device)
         return cls(uniform((n_models, d_in, hidden), d_in), uniform((n_models, 1, hidden), d_in),
-                   uniform((n_models, hidden, d_out), hidden), uniform((n_models, 1, d_out), hidden))
+                   uniform((n_models, hidden, d_out), hidden), uniform((n_models, 1, d_out), hidden),
+                   linear=linear)
 
     @property
     def n_models(self) -> int:
@@ -59,34 +65,40 @@ class BatchedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask (B, d_in) of 0/1 hides input columns per model (applied to the weights)."""
-        return _forward([self.w1, self.b1, self.w2, self.b2], x, mask)
+        return _forward([self.w1, self.b1, self.w2, self.b2], x, mask, self.linear)
 
     def tiled(self, times: int) -> BatchedMLP:
         """A copy with every model repeated `times` times, consecutively:
         model index b*R + r of the copy is model r of `self` (R = self.n_models) for block b."""
-        return BatchedMLP(*(p.detach().repeat(times, 1, 1).clone() for p in self.parameters()))
+        return BatchedMLP(*(p.detach().repeat(times, 1, 1).clone() for p in self.parameters()),
+                          linear=self.linear)
 
     def pick(self, index: int) -> BatchedMLP:
         """A copy of model `index` alone."""
-        return BatchedMLP(*(p.detach()[index:index + 1].clone() for p in self.parameters()))
+        return BatchedMLP(*(p.detach()[index:index + 1].clone() for p in self.parameters()),
+                          linear=self.linear)
 
     def copy(self) -> BatchedMLP:
         return self.tiled(1)
 
 
-def per_model_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE per model: pred (B, n, d), target (n, d) or (B, n, d) -> (B,)."""
+def per_model_loss(pred: torch.Tensor, target: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """Loss per model: pred (B, n, d), target (n, d) or (B, n, d) -> (B,). "mse": mean squared
+    error; "ce": cross-entropy of softmax(pred) against target probabilities, mean over rows."""
+    if loss == "ce":
+        return -(target * torch.log_softmax(pred, dim=-1)).sum(-1).mean(-1)
     return (pred - target).pow(2).mean(dim=(1, 2))
 
 
 @torch.no_grad()
 def evaluate(mlps: BatchedMLP, x: torch.Tensor, y: torch.Tensor,
-             mask: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+             mask: torch.Tensor | None = None, chunk: int = 4096, loss: str = "mse"
+             ) -> torch.Tensor:
     """Validation loss per model (B,); `mask` (B, d_in) zeroes input columns per model."""
     total = torch.zeros(mlps.n_models, device=x.device)
     for start in range(0, x.shape[0], chunk):
         xb, yb = x[start:start + chunk], y[start:start + chunk]
-        total += per_model_loss(mlps(xb, mask), yb) * xb.shape[0]
+        total += per_model_loss(mlps(xb, mask), yb, loss) * xb.shape[0]
     return total / x.shape[0]
 
 
@@ -140,7 +152,8 @@ def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             xb = x_train[:, idx] if x_per_model else x_train[idx]
-            loss = per_model_loss(_forward(params, xb, m), split.y_train[idx]).sum()
+            pred = _forward(params, xb, m, mlps.linear)
+            loss = per_model_loss(pred, split.y_train[idx], split.loss).sum()
             grads = torch.autograd.grad(loss, params)
             step += 1
             # Adam (torch.optim.Adam's update, written out so that a subset of models can
@@ -158,9 +171,11 @@ def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float
                 torch._foreach_addcdiv_(params, first, denom, value=-lr / correction1)
         with torch.no_grad():
             if x_per_model:
-                val = per_model_loss(_forward(params, x_val), split.y_val)
+                val = per_model_loss(_forward(params, x_val, None, mlps.linear), split.y_val,
+                                     split.loss)
             else:
-                val = _evaluate_params(params, x_val, split.y_val, m)
+                val = _evaluate_params(params, x_val, split.y_val, m, loss=split.loss,
+                                       linear=mlps.linear)
             improved = val < best[alive]
             best[alive] = torch.where(improved, val, best[alive])
             counted = val < anchor[alive] * (1 - min_delta) if min_delta > 0 else improved
@@ -188,7 +203,7 @@ def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float
 
 
 def _forward(params: list[torch.Tensor], x: torch.Tensor,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, linear: bool = False) -> torch.Tensor:
     """BatchedMLP.forward on explicit (w1, b1, w2, b2)."""
     w1, b1, w2, b2 = params
     if mask is not None:
@@ -200,16 +215,17 @@ def _forward(params: list[torch.Tensor], x: torch.Tensor,
         hidden = hidden.view(x.shape[0], n_models, width).transpose(0, 1) + b1
     else:
         hidden = torch.baddbmm(b1, x, w1)
-    return torch.baddbmm(b2, torch.relu(hidden), w2)
+    return torch.baddbmm(b2, hidden if linear else torch.relu(hidden), w2)
 
 
 @torch.no_grad()
 def _evaluate_params(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                     mask: torch.Tensor | None, chunk: int = 4096) -> torch.Tensor:
+                     mask: torch.Tensor | None, chunk: int = 4096, loss: str = "mse",
+                     linear: bool = False) -> torch.Tensor:
     total = torch.zeros(params[0].shape[0], device=x.device)
     for start in range(0, x.shape[0], chunk):
         xb, yb = x[start:start + chunk], y[start:start + chunk]
-        total += per_model_loss(_forward(params, xb, mask), yb) * xb.shape[0]
+        total += per_model_loss(_forward(params, xb, mask, linear), yb, loss) * xb.shape[0]
     return total / x.shape[0]
 
 
@@ -217,8 +233,8 @@ def evaluate_split(mlps: BatchedMLP, split: Split, mask: torch.Tensor | None = N
                    x_per_model: bool = False) -> torch.Tensor:
     if x_per_model:
         with torch.no_grad():
-            return per_model_loss(mlps(split.x_val), split.y_val)
-    return evaluate(mlps, split.x_val, split.y_val, mask)
+            return per_model_loss(mlps(split.x_val), split.y_val, split.loss)
+    return evaluate(mlps, split.x_val, split.y_val, mask, loss=split.loss)
 
 
 def hidden_width(d_out: int, cap: int) -> int:
@@ -247,17 +263,20 @@ def estimate_loss_reduction(x: torch.Tensor, y: torch.Tensor, *, repeats: int = 
 
 def empty_loss(split: Split) -> float:
     """Validation loss of the constant predictor (the training mean of y)."""
-    return float((split.y_val - split.y_train.mean(0)).pow(2).mean())
+    mean = split.y_train.mean(0)
+    if split.loss == "ce":  # the mean class probabilities, predicted for every row
+        return float(-(split.y_val * mean.clamp_min(1e-12).log()).sum(-1).mean())
+    return float((split.y_val - mean).pow(2).mean())
 
 
 def split_rows(x: torch.Tensor, y: torch.Tensor, val_fraction: float,
-               generator: torch.Generator) -> Split:
+               generator: torch.Generator, loss: str = "mse") -> Split:
     """Random train/validation split of rows (seeded)."""
     n = x.shape[0]
     order = torch.randperm(n, generator=generator).to(x.device)
     n_val = max(1, int(round(n * val_fraction)))
     val, train = order[:n_val], order[n_val:]
-    return Split(x[train], y[train], x[val], y[val])
+    return Split(x[train], y[train], x[val], y[val], loss)
 
 
 def standardise(a: torch.Tensor, std_floor: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def _unit_order(split: Split, units: list[int], config: PruneConfig,
     rc = config.reconstructor
     index = torch.tensor(units, device=split.x_train.device)
     per_unit = Split(split.x_train[:, index].T.unsqueeze(-1), split.y_train,
-                     split.x_val[:, index].T.unsqueeze(-1), split.y_val)
+                     split.x_val[:, index].T.unsqueeze(-1), split.y_val, split.loss)
     mlps = BatchedMLP.create(len(units), 1, min(32, hidden_width(split.y_train.shape[1], rc.hidden_cap)),
                              split.y_train.shape[1], generator=generator, device=split.x_train.device)
     losses = fit(mlps, per_unit, epochs=rc.ordering_epochs, patience=rc.patience, lr=rc.lr,
@@ -120,7 +120,7 @@ def _unit_order(split: Split, units: list[int], config: PruneConfig,
 
 def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: int = 0,
                 progress: Callable[[float, str], None] | None = None,
-                memo: dict | None = None) -> LayerDecision:
+                memo: dict | None = None, y_is_logits: bool = False) -> LayerDecision:
     """Decide which columns (units) of x to prune so that y stays reconstructable.
 
     x: (n, d_in) activations of the layer's units; y: (n, d_out) the next layer's kept
@@ -128,7 +128,8 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     never pruned. memo: an empty dict, or one filled by an earlier call with the same x, y,
     seed and config except `tol`: the reference fit, the ordering and every masked fine-tune
     are then reused (a target search re-walks a layer at another tol for the cost of the tests
-    that differ). Raises ValueError if x and y have different row counts.
+    that differ). y_is_logits: y is the network's logits (reconstructed with cross-entropy when
+    `reconstructor.logits_loss` is "ce"). Raises ValueError if x and y have different row counts.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
@@ -138,7 +139,7 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     clock = PhaseClock()
     if "layer" not in memo:
         progress(0.0, "reference fit")
-        memo["layer"] = _prepare_layer(x, y, config, seed, clock)
+        memo["layer"] = _prepare_layer(x, y, config, seed, clock, y_is_logits)
         memo["results"] = {}
     layer: _Layer = memo["layer"]
     results_memo: dict[tuple[int, ...], tuple[torch.Tensor, bool]] = memo["results"]
@@ -199,9 +200,10 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
         key = tuple(columns.tolist())
         if key not in narrowed:
             narrowed[key] = Split(split.x_train[:, columns], split.y_train,
-                                  split.x_val[:, columns], split.y_val)
+                                  split.x_val[:, columns], split.y_val, split.loss)
         w1, b1, w2, b2 = (p.detach() for p in models.parameters())
-        return BatchedMLP(w1[:, columns].clone(), b1.clone(), w2.clone(), b2.clone()), \
+        return BatchedMLP(w1[:, columns].clone(), b1.clone(), w2.clone(), b2.clone(),
+                          linear=models.linear), \
             narrowed[key], mask[:, columns]
 
     def finetune(tune: list[int], start: BatchedMLP, mask: torch.Tensor
@@ -221,7 +223,7 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
             return tuned
         rows = torch.cat([torch.arange(j * config.repeats, (j + 1) * config.repeats)
                           for j in tune]).to(device)
-        models = BatchedMLP(*(p.detach()[rows] for p in start.parameters()))
+        models = BatchedMLP(*(p.detach()[rows] for p in start.parameters()), linear=start.linear)
         models, rows_split, rows_mask = narrow(models, mask[rows])
         losses = fit(models, rows_split, epochs=rc.finetune_epochs, mask=rows_mask, **fit_kw)
         for k, j in enumerate(tune):
@@ -259,6 +261,7 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
                                "flip_tol": statistic / scale if scale > 0 else float("nan")})
         return keep
 
+    block_size = config.block_size or (2 if device.type == "cpu" else 8)
     order = layer.order
     position, recent = 0, []
     while position < len(order):
@@ -268,7 +271,7 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
             decision.kept.extend(order[position:])
             break
         one_at_a_time = config.path == "sequential" or config.speculation == "off"
-        block = order[position:position + (1 if one_at_a_time else config.block_size)]
+        block = order[position:position + (1 if one_at_a_time else block_size)]
         mode = _mode(config, recent)
         if mode == "prune":
             block = block[:remaining - floor]
@@ -316,7 +319,7 @@ class _Layer:
 
 
 def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: int,
-                   clock: PhaseClock | None = None) -> _Layer:
+                   clock: PhaseClock | None = None, y_is_logits: bool = False) -> _Layer:
     """Standardise, split, fit the reference and the control, order the units (steps 3-6);
     `clock` collects the seconds of the reference fit, the control and the ordering."""
     clock = clock or PhaseClock()
@@ -324,18 +327,23 @@ def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: 
     generator = torch.Generator().manual_seed(seed)
     d = x.shape[1]
     xs, constant_mask = standardise(x.float(), config.std_floor)
-    ys, y_constant = standardise(y.float(), config.std_floor)
-    ys = ys[:, ~y_constant] if bool((~y_constant).any()) else ys
+    loss = "ce" if y_is_logits and rc.logits_loss == "ce" else "mse"
+    if loss == "ce":  # the network's class probabilities, fitted by cross-entropy
+        ys = torch.softmax(y.float(), dim=1)
+    else:
+        ys, y_constant = standardise(y.float(), config.std_floor)
+        ys = ys[:, ~y_constant] if bool((~y_constant).any()) else ys
     constant = torch.nonzero(constant_mask).flatten().tolist()
     # Layer-collapse guard: constant units go, but never below the floor (at least one unit).
     floor = min(d, config.min_units)
     pruned = constant[:max(0, d - floor)] if len(constant) > d - floor else list(constant)
     live = [i for i in range(d) if i not in set(pruned)]  # constants kept by the floor included
 
-    split = split_rows(xs, ys, config.val_fraction, generator)
+    split = split_rows(xs, ys, config.val_fraction, generator, loss)
     loss_empty = empty_loss(split)
     reference = BatchedMLP.create(config.repeats, d, hidden_width(ys.shape[1], rc.hidden_cap),
-                                  ys.shape[1], generator=generator, device=xs.device)
+                                  ys.shape[1], generator=generator, device=xs.device,
+                                  linear=d <= rc.linear_below)
     with clock("reference_fit"):
         fit(reference, split, epochs=rc.epochs, patience=rc.patience, lr=rc.lr,
             batch_size=rc.batch_size, generator=generator, min_delta=rc.min_delta)

@@ -64,7 +64,7 @@ def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
                 owner.get(c) for c in group.consumers) if n in decided and n != group.name)
             memo = memos.setdefault((group.name, above), {})
         decision = terc_select(x, y.to(ctx.device), config, seed=config.seed + index,
-                               progress=layer_progress, memo=memo)
+                               progress=layer_progress, memo=memo, y_is_logits=not targets)
         if counts is not None:
             decision = _at_count(decision, counts[group.name])
         decided[group.name] = decision
