@@ -4,6 +4,7 @@
     python bench/mnist_lenet.py targets --code after         # targets 0.5/0.8/0.9/0.95 (+ ThiNet)
     PYTHONPATH=/tmp/mipp-before python bench/mnist_lenet.py targets --code before
     python bench/mnist_lenet.py redundancy --seeds 0 1 2 3 4 # synthetic redundancy at small tols
+    python bench/mnist_lenet.py options --seeds 0 1 2        # issue 9 item 5 options at target 0.8
     python bench/mnist_lenet.py table                        # BENCHMARKS.md section 1 tables
 
 `paths` runs the sequential and the fast path back to back for each seed (interleaved, so both
@@ -150,6 +151,35 @@ def run_targets(args) -> None:
                      thinet, args.code, seed=args.seeds[0], loadavg_before=load))
 
 
+OPTIONS = {"default": {}, "logits_loss=ce": {"logits_loss": "ce"},
+           "linear_below=16": {"linear_below": 16}}
+
+
+def run_options(args) -> None:
+    """Each estimator option of issue 9 item 5 at the same target (0.8 unless --targets), so
+    that retrained accuracies compare at equal units removed; ThiNet at the default's fraction
+    in the same run gives the time ratio."""
+    import mipp
+    from mipp.config import PruneConfig, ReconstructorConfig
+    target = args.targets[0] if args.targets else 0.8
+    for seed in args.seeds:
+        data, model, dev = _setup(seed, args.device)
+        base = _base(seed, dev)
+        for label, option in OPTIONS.items():
+            rc = ReconstructorConfig(**{**base["reconstructor"].model_dump(), **option})
+            load = os.getloadavg()[0]
+            result = mipp.prune(model, data, PruneConfig(**{**base, "reconstructor": rc},
+                                                         target=target))
+            _append(args.results / "mnist_lenet-options.jsonl",
+                    _row("options", label, {"target": target, "reconstructor": option}, result,
+                         args.code, seed=seed, loadavg_before=load))
+        load = os.getloadavg()[0]
+        thinet = mipp.prune(model, data, PruneConfig(**base, method="thinet", target=target))
+        _append(args.results / "mnist_lenet-options.jsonl",
+                _row("options", "thinet", {"method": "thinet", "target": target}, thinet,
+                     args.code, seed=seed, loadavg_before=load))
+
+
 def run_redundancy(args) -> None:
     """The synthetic redundant layers of tests/engine/test_redundancy.py at small tols: how
     many seeds keep a redundant unit (the smallest tol that removes exact redundancy)."""
@@ -267,14 +297,32 @@ def render(results: Path) -> str:
             out.append(f"| {tol:g} | {len(rows)} | {sum(r['exact'] for r in rows)} of {len(rows)} "
                        f"| {wrong} |")
         out.append("")
-    machines = sorted({r["machine"] for r in paths + targets + redundancy})
+    options = _read(results / "mnist_lenet-options.jsonl")
+    if options:
+        out += ["| code (commit) | option | seed | target | removed | selection s | ThiNet s "
+                "| MIPP / ThiNet | retrained | load avg |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(options):
+            if r["label"] == "thinet":
+                continue
+            thinet = next((t for t in options[i + 1:] if t["code"] == r["code"]
+                           and t["seed"] == r["seed"] and t["label"] == "thinet"), None)
+            sel = r["seconds"]["selection"]
+            th = thinet["seconds"]["selection"] if thinet else None
+            versus = f"| {th:.2f} | {sel / th:.1f}x " if th else "| - | - "
+            out.append(f"| {r['code']} ({r['commit']}) | {r['label']} | {r['seed']} "
+                       f"| {r['settings']['target']} | {r['removed_fraction']:.1%} | {sel:.1f} "
+                       + versus + f"| {r['accuracy']['retrained']:.4f} "
+                       f"| {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f} |")
+        out.append("")
+    machines = sorted({r["machine"] for r in paths + targets + redundancy + options})
     out.append("Machine: " + "; ".join(machines) + ".")
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["paths", "targets", "redundancy", "table"])
+    parser.add_argument("what", choices=["paths", "targets", "redundancy", "options", "table"])
     parser.add_argument("--tols", type=float, nargs="+", default=[0.0, 0.001, 0.002, 0.005, 0.01])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -289,6 +337,8 @@ def main() -> None:
         run_targets(args)
     elif args.what == "redundancy":
         run_redundancy(args)
+    elif args.what == "options":
+        run_options(args)
     table = render(args.results)
     (args.results / "mnist_lenet.md").write_text(table)
     print(table)
