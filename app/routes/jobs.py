@@ -18,7 +18,7 @@ from app.core import jobs
 from app.core.jobs import JobRequest
 from app.core.housekeeping import delete_job_files
 from app.deps import (JOB_OUT_COLUMNS, CurrentUser, OwnedJob, QueueDep, SessionDep, SettingsDep,
-                      StoreDep, ViewedJob, visible)
+                      StoreDep, ViewedJob, run_read, visible)
 from app.errors import InvalidRequest, NotFound
 from app.models import Job, JobLogLine, JobStatus
 from app.routes.common import AUTHENTICATED, Limit, Offset, check_text, error_responses, page
@@ -84,7 +84,7 @@ async def list_jobs(
             stmt = stmt.where(column == value)
 
     def load() -> Page[JobOut]:
-        # One thread-pool hop for both queries and the rows' conversion (the columns an answer
+        # One hop to the read threads for both queries and the rows' conversion (the columns an answer
         # shows, as rows: no ORM instances); the session closes in it, so the connection is
         # back in the pool before the answer is written.
         rows, total = page(session, stmt, Job.created_at.desc(), limit, offset, rows=True)
@@ -92,7 +92,7 @@ async def list_jobs(
         return Page[JobOut](items=[JobOut.model_validate(r) for r in rows], total=total,
                             limit=limit, offset=offset)
 
-    return await run_in_threadpool(load)
+    return await run_read(load)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404, 422))
