@@ -17,7 +17,8 @@ worker processes, and no access log:
   (max_results 20). MLflow has no authentication here; mipp checks a key on every request.
 wrk runs each target for `--duration` s after a 2 s warm-up, targets interleaved, `--rounds`
 times. Every measurement (with the 1-minute load average before and after) is appended to
-bench/results/api_load.jsonl; the tables in BENCHMARKS.md are `--report`'s output.
+bench/results/api_load.jsonl (with the commit measured); the tables in BENCHMARKS.md are
+`--report`'s output.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def _psql(sql: str) -> None:
 
     with psycopg.connect(f"postgresql://{PG}/postgres", autocommit=True) as conn:
         conn.execute(sql)
+
+
+def _code_version() -> str:
+    """The commit measured, with "+dirty" when app/ differs from it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+    return commit + ("+dirty" if git("diff", "--quiet", "HEAD", "--", "app").returncode else "")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -247,9 +257,10 @@ def report(path: Path = RESULTS) -> str:
     out = []
     for run, items in runs.items():
         first = items[0]
+        code = f", mipp at {first['code']}" if "code" in first else ""
         out.append(f"Run {run} ({first['host']['cpus']} CPUs, {first['host']['cpu']}, "
                    f"{first['workers']} server workers each, {first['connections']} connections, "
-                   f"{first['duration_s']} s per measurement):\n")
+                   f"{first['duration_s']} s per measurement{code}):\n")
         out.append("| round | target | req/s | p50 ms | p90 ms | p99 ms | non-2xx | "
                    "load avg before -> after |")
         out.append("|---|---|---|---|---|---|---|---|")
@@ -311,12 +322,14 @@ def main() -> None:
                                 {"experiment_ids": [exp], "max_results": 20}))
             host = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                     "python": platform.python_version()}
+            code = _code_version()
             args.results.parent.mkdir(parents=True, exist_ok=True)
             for round_no in range(1, args.rounds + 1):
                 for name, url, headers, method, body in targets:
                     result = wrk(url, args.connections, args.duration, tmp, headers, method, body)
                     row = {"run": run, "round": round_no, "target": name, "host": host,
-                           "workers": args.workers, "connections": args.connections,
+                           "code": code, "workers": args.workers,
+                           "connections": args.connections,
                            "duration_s": args.duration, **result}
                     with open(args.results, "a") as fh:  # append-only raw log
                         fh.write(json.dumps(row) + "\n")
