@@ -637,6 +637,8 @@ def tables(rows: list[dict], selections: list[dict]) -> str:
                             continue
                         s = paired([_acc(on[k], stage) - _acc(off[k], stage) for k in seeds])
                         parts.append(f"{_fmt_diff(s)} {refit_verdict(s)}")
+                    if all(part == "–" for part in parts):
+                        continue  # no cell of this model at that fraction and budget
                     epochs = "0" if stage == "0" else f"{budget_label(budget)}"
                     out.append(f"| {100 * f:.0f}% (target) | {epochs} | " + " | ".join(parts) + " |")
             out.append("")
