@@ -621,9 +621,10 @@ def tables(rows: list[dict], selections: list[dict]) -> str:
                                      others_a)
         # Refit on - off, per choice at MIPP's counts.
         if len(refits) == 2:
-            out.append(f"#### {dataset} / {arch}: refit (on − off, at MIPP's counts, paired by seed)\n")
-            out.append("| removed | retrain | " + " | ".join(choices) + " |")
-            out.append("|---|---|" + "---|" * len(choices))
+            header = [f"#### {dataset} / {arch}: refit (on − off, at MIPP's counts, paired by "
+                      "seed)\n", "| removed | retrain | " + " | ".join(choices) + " |",
+                      "|---|---|" + "---|" * len(choices)]
+            out += header
             for f in fractions:
                 for stage in ["0", *budgets]:
                     budget = budgets[0] if stage == "0" else stage
@@ -641,7 +642,10 @@ def tables(rows: list[dict], selections: list[dict]) -> str:
                         continue  # no cell of this model at that fraction and budget
                     epochs = "0" if stage == "0" else f"{budget_label(budget)}"
                     out.append(f"| {100 * f:.0f}% (target) | {epochs} | " + " | ".join(parts) + " |")
-            out.append("")
+            if out[-1] == header[-1]:
+                del out[-len(header):]  # no model cell with the refit off: no table
+            else:
+                out.append("")
         for r in pat:
             if (r["dataset"], r["arch"]) == (dataset, arch) and r["allocation"] == "mipp":
                 seconds.setdefault((dataset, arch, r["choice"]), {})[(r["seed"], r["fraction_target"])] = r["selection_s"]

@@ -119,7 +119,8 @@ def fit(mlps: BatchedMLP, split: Split, *, epochs: int, patience: int, lr: float
         batch_size: int, generator: torch.Generator | None = None,
         mask: torch.Tensor | None = None, x_per_model: bool = False,
         orders: list[torch.Tensor] | None = None, min_delta: float = 0.0) -> torch.Tensor:
-    """Train every model with Adam on MSE, early stopping each on its own validation loss.
+    """Train every model with Adam on the split's loss (MSE or cross-entropy), early stopping
+    each on its own validation loss.
 
     Each model stops on its own: once it has waited `patience` epochs without improving it
     takes no more optimiser steps and its best loss no longer changes, exactly as if it had
