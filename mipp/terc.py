@@ -58,7 +58,9 @@ class LayerDecision:
 
     order: units in the order tested (least informative first); units: per tested unit
     {unit, mean_d, sd_d, threshold, kept}; loss_empty / loss_ref / mi are validation MSE on
-    standardised targets (mi = loss_empty - loss_ref, the layer's estimated MI).
+    standardised targets (mi = loss_empty - loss_ref, the layer's estimated MI). replay: set
+    when the kept set is not the walk's own but its tests replayed at another tol by a target
+    search ({"sweep_tol", "tol", "cost_factor", "verification"}; mipp/methods/mipp.py).
     """
 
     size: int
@@ -74,16 +76,20 @@ class LayerDecision:
     screened: int = 0
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    replay: dict | None = None
 
     def summary(self) -> dict:
-        """phases: seconds this call spent per phase (PHASES; a target search's later sweeps
-        reuse the reference fit, control and ordering, and spend 0 s on them)."""
+        """phases: seconds spent per phase (PHASES; for a replayed decision, the walk's and
+        its verification's). replayed: whether the kept set comes from a target search's replay
+        (then `replay` says at which tol and how it was verified)."""
         return {"units_before": self.size, "units_after": len(self.kept),
                 "constant_units": len(self.constant), "loss_empty": self.loss_empty,
                 "loss_ref": self.loss_ref, "mi_estimate": self.mi,
                 "candidate_fits": self.fits, "screened_tests": self.screened,
                 "seconds": round(self.seconds, 3),
-                "phases": {k: round(v, 3) for k, v in self.phases.items()}}
+                "phases": {k: round(v, 3) for k, v in self.phases.items()},
+                "replayed": self.replay is not None,
+                **({"replay": self.replay} if self.replay is not None else {})}
 
 
 class _Test:
@@ -143,113 +149,16 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
         memo["results"] = {}
     layer: _Layer = memo["layer"]
     results_memo: dict[tuple[int, ...], tuple[torch.Tensor, bool]] = memo["results"]
-    rc = config.reconstructor
-    d, split, reference, loss_ref_r = layer.d, layer.split, layer.reference, layer.loss_ref_r
-    floor = layer.floor
+    d, floor = layer.d, layer.floor
     scale = layer.mi if config.tol_scale == "mi" else layer.loss_ref
     scale = max(scale, 0.0)
     threshold = config.tol * scale
-    fit_kw = dict(patience=rc.patience, lr=rc.lr, orders=layer.orders, min_delta=rc.min_delta,
-                  batch_size=rc.finetune_batch_size or rc.batch_size)
     decision = LayerDecision(size=d, kept=[], pruned=list(layer.pruned), constant=layer.constant,
                              order=layer.order, loss_empty=layer.loss_empty,
                              loss_ref=layer.loss_ref, mi=layer.mi)
     test = _Test(config)
-    device = split.x_train.device
-
-    def masks_for(sets: list[list[int]]) -> torch.Tensor:
-        mask = torch.ones(len(sets) * config.repeats, d, device=device)
-        for b, removed in enumerate(sets):
-            mask[b * config.repeats:(b + 1) * config.repeats, removed] = 0
-        return mask
-
-    def starts(sets: list[list[int]]) -> BatchedMLP:
-        """Each set's R starting models: the reference, compensated for the set (or as is)."""
-        models = reference.tiled(len(sets))
-        return layer.compensator.apply(models, sets) if rc.compensate else models
-
-    def screen(start: BatchedMLP, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compensated loss increases (len(sets), R) and which sets need no fine-tune.
-
-        A fine-tune keeps its best weights, the start included, so it can only lower d: a set
-        whose every d is already at or under the threshold prunes whatever the fine-tune does
-        (exact). A set whose increase over the reference's own loss (before any fine-tune: the
-        control's gain is what a fine-tune recovers anyway) is above `screen_keep` x the
-        threshold with confidence x is kept without one (a heuristic, docs/engine.md)."""
-        start_loss = evaluate_split(start, split, mask).view(-1, config.repeats)
-        d_start = start_loss - loss_ref_r.unsqueeze(0)
-        done = d_start.max(1).values <= threshold
-        if rc.screen_keep > 0 and threshold > 0:
-            gap = start_loss - layer.loss_start_r.unsqueeze(0)
-            lower = gap.mean(1) - test.critical * gap.std(1) / test.sqrt_r
-            done |= lower > rc.screen_keep * threshold
-        return d_start, done
-
-    narrowed: dict[tuple[int, ...], Split] = {}
-
-    def narrow(models: BatchedMLP, mask: torch.Tensor) -> tuple[BatchedMLP, Split, torch.Tensor]:
-        """`models`, the split and `mask` without the columns that every model has masked.
-
-        A masked column's weights get no gradient and Adam moves them by 0, so dropping it
-        changes nothing but the cost (up to float rounding): late in a walk most columns are
-        pruned in every set, and the first layer's product is most of a fine-tune's work."""
-        seen = mask.amax(0) > 0
-        if bool(seen.all()):
-            return models, split, mask
-        columns = torch.nonzero(seen).flatten()
-        key = tuple(columns.tolist())
-        if key not in narrowed:
-            narrowed[key] = Split(split.x_train[:, columns], split.y_train,
-                                  split.x_val[:, columns], split.y_val, split.loss)
-        w1, b1, w2, b2 = (p.detach() for p in models.parameters())
-        return BatchedMLP(w1[:, columns].clone(), b1.clone(), w2.clone(), b2.clone(),
-                          linear=models.linear), \
-            narrowed[key], mask[:, columns]
-
-    def finetune(tune: list[int], start: BatchedMLP, mask: torch.Tensor
-                 ) -> dict[int, torch.Tensor]:
-        """d (R,) after the masked fine-tune, for each set index in `tune`."""
-        tuned: dict[int, torch.Tensor] = {}
-        if config.path == "sequential":
-            # The reference path: each of the R repeats of each set fitted alone.
-            for j in tune:
-                losses = []
-                for r in range(config.repeats):
-                    row = j * config.repeats + r
-                    model, rows_split, model_mask = narrow(start.pick(row), mask[row:row + 1])
-                    losses.append(fit(model, rows_split, epochs=rc.finetune_epochs,
-                                      mask=model_mask, **fit_kw))
-                tuned[j] = torch.cat(losses) - loss_ref_r
-            return tuned
-        rows = torch.cat([torch.arange(j * config.repeats, (j + 1) * config.repeats)
-                          for j in tune]).to(device)
-        models = BatchedMLP(*(p.detach()[rows] for p in start.parameters()), linear=start.linear)
-        models, rows_split, rows_mask = narrow(models, mask[rows])
-        losses = fit(models, rows_split, epochs=rc.finetune_epochs, mask=rows_mask, **fit_kw)
-        for k, j in enumerate(tune):
-            tuned[j] = losses[k * config.repeats:(k + 1) * config.repeats] - loss_ref_r
-        return tuned
-
-    def run(sets: list[list[int]]) -> list[tuple[torch.Tensor, bool]]:
-        """d (R,) and whether it was fine-tuned, per removal set; memoised by set."""
-        keys = [tuple(sorted(s)) for s in sets]
-        todo = [i for i, k in enumerate(keys) if k not in results_memo]
-        if todo:
-            new_sets = [sets[i] for i in todo]
-            mask = masks_for(new_sets)
-            with clock("screening"):
-                start = starts(new_sets)
-                d_start, done = screen(start, mask)
-            tune = [j for j in range(len(new_sets)) if not bool(done[j])]
-            tuned: dict[int, torch.Tensor] = {}
-            if tune:
-                with clock("finetune"):
-                    tuned = finetune(tune, start, mask)
-            for j, i in enumerate(todo):
-                results_memo[keys[i]] = (tuned.get(j, d_start[j]), j in tuned)
-                decision.fits += int(j in tuned)
-                decision.screened += int(j not in tuned)
-        return [results_memo[k] for k in keys]
+    device = layer.split.x_train.device
+    tester = _SetTester(layer, config, threshold, clock, results_memo)
 
     def record(unit: int, d_unit: torch.Tensor, tuned: bool) -> bool:
         keep, mean, sd = test.keep(d_unit, threshold)
@@ -278,7 +187,7 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
             sets = [decision.pruned + block[:k + 1] for k in range(len(block))]
         else:
             sets = [decision.pruned + [c] for c in block]
-        results = run(sets)
+        results = tester.run(sets)
         for k, unit in enumerate(block):
             keep = record(unit, *results[k])
             position += 1
@@ -293,9 +202,163 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
                     break
     decision.kept = sorted(decision.kept)
     decision.pruned = sorted(decision.pruned)
+    decision.fits, decision.screened = tester.fits, tester.screened
     decision.seconds = time.perf_counter() - started
     decision.phases = dict(clock.seconds)
     return decision
+
+
+class _SetTester:
+    """Loss increases d (R,) of removal sets against a layer's reference: each set's R starts
+    (the reference, compensated for the set), screening, then the masked fine-tune; memoised by
+    set in `results` (shared by every walk of the layer). fits / screened count this tester's
+    new fine-tunes and screened sets."""
+
+    def __init__(self, layer: "_Layer", config: PruneConfig, threshold: float,
+                 clock: PhaseClock, results: dict[tuple[int, ...], tuple[torch.Tensor, bool]]):
+        self.layer, self.config, self.threshold, self.clock = layer, config, threshold, clock
+        self.results = results
+        self.test = _Test(config)
+        self.device = layer.split.x_train.device
+        rc = config.reconstructor
+        self.fit_kw = dict(patience=rc.patience, lr=rc.lr, orders=layer.orders,
+                           min_delta=rc.min_delta,
+                           batch_size=rc.finetune_batch_size or rc.batch_size)
+        self.narrowed: dict[tuple[int, ...], Split] = {}
+        self.fits = 0
+        self.screened = 0
+
+    def masks_for(self, sets: list[list[int]]) -> torch.Tensor:
+        r = self.config.repeats
+        mask = torch.ones(len(sets) * r, self.layer.d, device=self.device)
+        for b, removed in enumerate(sets):
+            mask[b * r:(b + 1) * r, removed] = 0
+        return mask
+
+    def starts(self, sets: list[list[int]]) -> BatchedMLP:
+        """Each set's R starting models: the reference, compensated for the set (or as is)."""
+        models = self.layer.reference.tiled(len(sets))
+        return self.layer.compensator.apply(models, sets) if self.config.reconstructor.compensate \
+            else models
+
+    def screen(self, start: BatchedMLP, mask: torch.Tensor, heuristic: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compensated loss increases (len(sets), R) and which sets need no fine-tune.
+
+        A fine-tune keeps its best weights, the start included, so it can only lower d: a set
+        whose every d is already at or under the threshold prunes whatever the fine-tune does
+        (exact). A set whose increase over the reference's own loss (before any fine-tune: the
+        control's gain is what a fine-tune recovers anyway) is above `screen_keep` x the
+        threshold with confidence x is kept without one (a heuristic, docs/engine.md; off when
+        `heuristic` is False)."""
+        layer, config, test, threshold = self.layer, self.config, self.test, self.threshold
+        start_loss = evaluate_split(start, layer.split, mask).view(-1, config.repeats)
+        d_start = start_loss - layer.loss_ref_r.unsqueeze(0)
+        done = d_start.max(1).values <= threshold
+        if heuristic and config.reconstructor.screen_keep > 0 and threshold > 0:
+            gap = start_loss - layer.loss_start_r.unsqueeze(0)
+            lower = gap.mean(1) - test.critical * gap.std(1) / test.sqrt_r
+            done |= lower > config.reconstructor.screen_keep * threshold
+        return d_start, done
+
+    def narrow(self, models: BatchedMLP, mask: torch.Tensor
+               ) -> tuple[BatchedMLP, Split, torch.Tensor]:
+        """`models`, the split and `mask` without the columns that every model has masked.
+
+        A masked column's weights get no gradient and Adam moves them by 0, so dropping it
+        changes nothing but the cost (up to float rounding): late in a walk most columns are
+        pruned in every set, and the first layer's product is most of a fine-tune's work."""
+        split = self.layer.split
+        seen = mask.amax(0) > 0
+        if bool(seen.all()):
+            return models, split, mask
+        columns = torch.nonzero(seen).flatten()
+        key = tuple(columns.tolist())
+        if key not in self.narrowed:
+            self.narrowed[key] = Split(split.x_train[:, columns], split.y_train,
+                                       split.x_val[:, columns], split.y_val, split.loss)
+        w1, b1, w2, b2 = (p.detach() for p in models.parameters())
+        return BatchedMLP(w1[:, columns].clone(), b1.clone(), w2.clone(), b2.clone(),
+                          linear=models.linear), \
+            self.narrowed[key], mask[:, columns]
+
+    def finetune(self, tune: list[int], start: BatchedMLP, mask: torch.Tensor
+                 ) -> dict[int, torch.Tensor]:
+        """d (R,) after the masked fine-tune, for each set index in `tune`."""
+        config, rc, loss_ref_r = self.config, self.config.reconstructor, self.layer.loss_ref_r
+        tuned: dict[int, torch.Tensor] = {}
+        if config.path == "sequential":
+            # The reference path: each of the R repeats of each set fitted alone.
+            for j in tune:
+                losses = []
+                for r in range(config.repeats):
+                    row = j * config.repeats + r
+                    model, rows_split, model_mask = self.narrow(start.pick(row),
+                                                                mask[row:row + 1])
+                    losses.append(fit(model, rows_split, epochs=rc.finetune_epochs,
+                                      mask=model_mask, **self.fit_kw))
+                tuned[j] = torch.cat(losses) - loss_ref_r
+            return tuned
+        rows = torch.cat([torch.arange(j * config.repeats, (j + 1) * config.repeats)
+                          for j in tune]).to(self.device)
+        models = BatchedMLP(*(p.detach()[rows] for p in start.parameters()), linear=start.linear)
+        models, rows_split, rows_mask = self.narrow(models, mask[rows])
+        losses = fit(models, rows_split, epochs=rc.finetune_epochs, mask=rows_mask, **self.fit_kw)
+        for k, j in enumerate(tune):
+            tuned[j] = losses[k * config.repeats:(k + 1) * config.repeats] - loss_ref_r
+        return tuned
+
+    def run(self, sets: list[list[int]], heuristic: bool = True
+            ) -> list[tuple[torch.Tensor, bool]]:
+        """d (R,) and whether it was fine-tuned, per removal set; memoised by set. With
+        `heuristic` False a set is fine-tuned unless that is exactly unnecessary (its start is
+        already under the threshold), and a memoised heuristic result is not reused."""
+        keys = [tuple(sorted(s)) for s in sets]
+
+        def usable(key: tuple[int, ...]) -> bool:
+            if key not in self.results:
+                return False
+            d, tuned = self.results[key]
+            return heuristic or tuned or float(d.max()) <= self.threshold
+
+        todo = [i for i, k in enumerate(keys) if not usable(k)]
+        if todo:
+            new_sets = [sets[i] for i in todo]
+            mask = self.masks_for(new_sets)
+            with self.clock("screening"):
+                start = self.starts(new_sets)
+                d_start, done = self.screen(start, mask, heuristic)
+            tune = [j for j in range(len(new_sets)) if not bool(done[j])]
+            tuned: dict[int, torch.Tensor] = {}
+            if tune:
+                with self.clock("finetune"):
+                    tuned = self.finetune(tune, start, mask)
+            for j, i in enumerate(todo):
+                self.results[keys[i]] = (tuned.get(j, d_start[j]), j in tuned)
+                self.fits += int(j in tuned)
+                self.screened += int(j not in tuned)
+        return [self.results[k] for k in keys]
+
+
+def measure_removal(memo: dict, removed: list[int], config: PruneConfig, tol: float,
+                    clock: PhaseClock | None = None) -> dict:
+    """The test of one removal set against the reference a walk of this layer fitted.
+
+    memo: a memo `terc_select` filled (same x, y, seed and config except `tol`); removed: unit
+    indices (constant units included). The set's R masked fine-tunes (or, exactly, none when
+    the compensated start is already under the threshold) give d; the set passes when the
+    sweep's rule would prune it: mean(d) - t x sd(d) / sqrt(R) <= tol x the layer's MI. Returns
+    {"mean_d", "sd_d", "threshold", "passed", "finetuned", "fits"} (fits: new fine-tunes, 0 or
+    1). Raises KeyError if `memo` was never filled.
+    """
+    layer: _Layer = memo["layer"]
+    scale = max(layer.mi if config.tol_scale == "mi" else layer.loss_ref, 0.0)
+    threshold = tol * scale
+    tester = _SetTester(layer, config, threshold, clock or PhaseClock(), memo["results"])
+    d, tuned = tester.run([sorted(removed)], heuristic=False)[0]
+    keep, mean, sd = tester.test.keep(d, threshold)
+    return {"mean_d": mean, "sd_d": sd, "threshold": threshold, "passed": not keep,
+            "finetuned": tuned, "fits": tester.fits}
 
 
 @dataclass

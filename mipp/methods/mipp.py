@@ -2,8 +2,9 @@
 
     selection = select_mipp(ctx)       # ctx: mipp.methods.context.SelectionContext
 
-`_mipp_pass` is one sweep over the network; `search_tol` is the target search (the `tol`
-that removes `config.target` of the units); `select_mipp` runs one or the other.
+`_mipp_pass` is one sweep over the network; `search_tol` is the target search (one sweep, its
+tests replayed at the `tol` that removes `config.target` of the units, verified);
+`select_mipp` runs one or the other.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mipp.config import PruneConfig
 from mipp.method_registry import register_method
 from mipp.methods.context import Selection, SelectionContext, removed_fraction
 from mipp.progress import Phase
-from mipp.terc import LayerDecision, _Test, terc_select
+from mipp.terc import LayerDecision, PhaseClock, _Test, measure_removal, terc_select
 
 log = logging.getLogger("mipp.selection")
 
@@ -29,13 +30,15 @@ log = logging.getLogger("mipp.selection")
 def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: torch.Tensor,
                config: PruneConfig, report: Callable[[float, str], None],
                counts: Mapping[str, int] | None = None,
-               memos: dict | None = None) -> dict[str, LayerDecision]:
+               memos: dict | None = None,
+               memo_of: dict[str, dict] | None = None) -> dict[str, LayerDecision]:
     """One TERC sweep over the network, from the output back to the input.
 
     counts: units to keep per group (from the allocator); each decision is brought to its
     count before the layer below is decided, so that layer reconstructs what is really kept.
-    memos: shared by the sweeps of a target search; a layer whose target (the kept units above
-    it) is unchanged reuses its fits and tests (`terc_select`'s memo).
+    memos: shared by sweeps; a layer whose target (the kept units above it) is unchanged
+    reuses its fits and tests (`terc_select`'s memo). memo_of: filled with each layer's memo
+    of this sweep (a target search verifies replayed sets against those references).
     """
     owner = {member: g.name for g in ctx.groups for member in g.members}
     decided: dict[str, LayerDecision] = {}
@@ -63,6 +66,8 @@ def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
             above = tuple(tuple(decided[n].kept) for n in dict.fromkeys(
                 owner.get(c) for c in group.consumers) if n in decided and n != group.name)
             memo = memos.setdefault((group.name, above), {})
+            if memo_of is not None:
+                memo_of[group.name] = memo
         decision = terc_select(x, y.to(ctx.device), config, seed=config.seed + index,
                                progress=layer_progress, memo=memo, y_is_logits=not targets)
         if counts is not None:
@@ -83,7 +88,7 @@ def choose_mipp(ctx: SelectionContext, counts: Mapping[str, int] | None) -> Sele
     capture = time.perf_counter() - started
     decisions = _mipp_pass(ctx, acts, logits, ctx.config,
                            lambda f, m: ctx.progress(Phase.SELECTING, f, m), counts=counts)
-    return _selection([decisions], ctx.config.tol, capture)
+    return _selection(decisions, ctx.config.tol, capture)
 
 
 def _at_count(decision: LayerDecision, count: int) -> LayerDecision:
@@ -103,8 +108,8 @@ def _at_count(decision: LayerDecision, count: int) -> LayerDecision:
 def select_mipp(ctx: SelectionContext) -> Selection:
     """MIPP: TERC with MI ordering, layer by layer from the output back (spec steps 1-7).
 
-    With `config.target`, `tol` is searched (`search_tol`) until the fraction of units removed
-    is within 0.02 of the target.
+    With `config.target`, `search_tol` finds the `tol` whose selection removes the target's
+    fraction of units (within 0.02) in one sweep and a replay of its tests.
     """
     ctx.progress(Phase.CAPTURING, 0.0, "recording activations")
     started = time.perf_counter()
@@ -115,158 +120,256 @@ def select_mipp(ctx: SelectionContext) -> Selection:
     if config.target is None:
         decisions = _mipp_pass(ctx, acts, logits, config,
                                lambda f, m: ctx.progress(Phase.SELECTING, f, m))
-        return _selection([decisions], config.tol, capture)
-    tol, decisions, sweeps = search_tol(ctx, acts, logits)
-    return _selection(sweeps, tol, capture, chosen=decisions)
+        return _selection(decisions, config.tol, capture)
+    tol, decisions = search_tol(ctx, acts, logits)
+    return _selection(decisions, tol, capture)
 
 
-MAX_SWEEPS = 4
+TOL_FLOOR = 1e-6  # the smallest tol a replay tries
+SWEEP_SHARE = 0.9  # of the selecting phase's progress bar: the sweep; the rest: verification
+VERIFY_ROUNDS = 3
 
 
 def search_tol(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: torch.Tensor
-               ) -> tuple[float, dict[str, LayerDecision], list[dict[str, LayerDecision]]]:
-    """The target search: the `tol` whose sweep removes `ctx.config.target` of all units.
+               ) -> tuple[float, dict[str, LayerDecision]]:
+    """The target search: one sweep, its tests replayed at the tol that removes
+    `ctx.config.target` of all units, the replayed sets verified.
 
-    One sweep at `config.tol` records every test's loss increase; the next tol is the one at
-    which those tests, replayed (`_tol_for`), remove the target's share of units; a sweep
-    there verifies it. The sweeps share their fits: a layer
-    whose target is unchanged reuses its reference fit and every test already made, so a
-    verifying sweep pays only for the tests that differ. At most MAX_SWEEPS sweeps, stopping
-    within 0.02 of the target; returns the closest sweep's tol and decisions, and every
-    sweep's decisions (for the phase split).
-    acts/logits: from `capture_unit_activations`.
+    1. One sweep at `config.tol` (0.05 if zero) records every test's loss increase. Within
+       0.02 of the target it is the selection.
+    2. Otherwise the recorded tests are replayed (`_replayed`) at the tol that removes the
+       target's share of units (`_tol_for`): the selection lands on the target by
+       construction, without another sweep.
+    3. Verification: each layer whose replayed set differs from what the sweep already
+       measured gets one masked fine-tune (R repeats) of that set against the layer's reference
+       (`measure_removal`); it passes when the sweep's own rule would prune the set at the
+       replayed tol. A layer that fails has its replayed costs scaled up by measured /
+       predicted and the tol is solved again; at most VERIFY_ROUNDS rounds, each costing at
+       most one fine-tune a layer. A layer still failing after the last round is kept as
+       replayed and its report says so (`replay.verification.passed` false).
+
+    The references are the sweep's: fitted with the sweep's kept sets above each layer, not
+    the replayed ones (a reference per changed layer would cost most of a second sweep).
+    Returns the chosen tol and decisions; a replayed decision's `replay` field says so, and
+    its fits, seconds and phases include its verification's. acts/logits: from
+    `capture_unit_activations`.
     """
     config = ctx.config
     total = sum(g.size for g in ctx.groups)
     goal = config.target * total  # units to remove
-    tried: list[tuple[float, float, dict[str, LayerDecision]]] = []
-    memos: dict = {}
-    low, high = 0.0, math.inf  # tols known to remove too few / too many
-    low_fraction, high_fraction = 0.0, 1.0  # what they removed
     tol = config.tol if config.tol > 0 else 0.05
-    for sweep in range(MAX_SWEEPS):
-        # "sweep i/n" and the tol tried lead every message, so a progress bar or a job log
-        # shows where the search is (n is the most sweeps it may take; later sweeps reuse the
-        # earlier ones' fits and are usually much shorter).
-        def report(f, m, sweep=sweep, tol=tol):
-            ctx.progress(Phase.SELECTING, (sweep + f) / MAX_SWEEPS,
-                         f"sweep {sweep + 1}/{MAX_SWEEPS} tol={tol:.3g}: {m}")
-        decisions = _mipp_pass(ctx, acts, logits, config.model_copy(update={"tol": tol}), report,
-                               memos=memos)
-        fraction = removed_fraction(ctx.groups, {n: d.kept for n, d in decisions.items()})
-        tried.append((tol, fraction, decisions))
-        fits = sum(d.fits for d in decisions.values())
-        widths = ", ".join(f"{g.name} {g.size}->{len(decisions[g.name].kept)}"
-                           for g in ctx.groups)
-        removed = sum(g.size - len(decisions[g.name].kept) for g in ctx.groups)
-        summary = (f"sweep {sweep + 1}/{MAX_SWEEPS} tol={tol:.3g}: {removed}/{total} units "
-                   f"removed ({fraction:.1%}; target {config.target:.1%} +- 2%; {widths}), "
-                   f"{fits} new fine-tunes")
-        log.info("target search %s", summary)  # a milestone for the job's log
-        ctx.progress(Phase.SELECTING, (sweep + 1) / MAX_SWEEPS, summary)
-        if abs(fraction - config.target) <= 0.02:
+    memo_of: dict[str, dict] = {}
+
+    # "sweep 1/1 tol=..." leads every message of the sweep, "verify i/n" every message after
+    # it, so a progress bar or a job log shows where the search is.
+    def report(f, m):
+        ctx.progress(Phase.SELECTING, SWEEP_SHARE * f, f"sweep 1/1 tol={tol:.3g}: {m}")
+    swept = _mipp_pass(ctx, acts, logits, config.model_copy(update={"tol": tol}), report,
+                       memos={}, memo_of=memo_of)
+    fraction = removed_fraction(ctx.groups, {n: d.kept for n, d in swept.items()})
+    summary = (f"sweep 1/1 tol={tol:.3g}: {_removed_summary(ctx, swept)} (target "
+               f"{config.target:.1%} +- 2%), {sum(d.fits for d in swept.values())} fine-tunes")
+    log.info("target search %s", summary)  # a milestone for the job's log
+    ctx.progress(Phase.SELECTING, SWEEP_SHARE, summary)
+    if abs(fraction - config.target) <= 0.02:
+        log.info("target search chose tol=%.3g after 1 sweep: removes %.1f%% of units",
+                 tol, 100 * fraction)
+        return tol, swept
+    chosen_tol, chosen = _verified_replay(ctx, swept, memo_of, goal, tol)
+    fraction = removed_fraction(ctx.groups, {n: d.kept for n, d in chosen.items()})
+    failed = [n for n, d in chosen.items() if not d.replay["verification"]["passed"]]
+    log.info("target search chose tol=%.3g after 1 sweep and its replay: removes %.1f%% of "
+             "units; %s", chosen_tol, 100 * fraction,
+             f"verification failed in {', '.join(failed)}" if failed else "every layer verified")
+    return chosen_tol, chosen
+
+
+def _removed_summary(ctx: SelectionContext, decisions: Mapping[str, LayerDecision]) -> str:
+    """"113/226 units removed (50.0%; conv1 6->3, ...)"."""
+    total = sum(g.size for g in ctx.groups)
+    removed = sum(g.size - len(decisions[g.name].kept) for g in ctx.groups)
+    widths = ", ".join(f"{g.name} {g.size}->{len(decisions[g.name].kept)}" for g in ctx.groups)
+    return f"{removed}/{total} units removed ({removed / total:.1%}; {widths})"
+
+
+def _verified_replay(ctx: SelectionContext, swept: dict[str, LayerDecision],
+                     memo_of: Mapping[str, dict], goal: float, sweep_tol: float
+                     ) -> tuple[float, dict[str, LayerDecision]]:
+    """Steps 2 and 3 of `search_tol`: the sweep's tests replayed at the tol that removes `goal`
+    units, each layer's replayed set verified by one masked fine-tune, failing layers' costs
+    scaled and the tol solved again, at most VERIFY_ROUNDS times."""
+    config = ctx.config
+    factors = {name: 1.0 for name in swept}
+    clocks = {name: PhaseClock() for name in swept}
+    fits = {name: 0 for name in swept}
+    checks: dict[str, dict] = {}
+    for round_ in range(VERIFY_ROUNDS):
+        tol, replayed, spent = _replay_at_goal(swept, goal, config, factors)
+        ctx.progress(Phase.SELECTING, SWEEP_SHARE + (1 - SWEEP_SHARE) * round_ / VERIFY_ROUNDS,
+                     f"verify {round_ + 1}/{VERIFY_ROUNDS} tol={tol:.3g}: replay "
+                     f"{_removed_summary(ctx, replayed)}")
+        failed = []
+        for name, d in replayed.items():
+            removed = sorted(d.pruned)
+            if not set(removed) - set(swept[name].constant):  # nothing tested goes: nothing lost
+                checks[name] = {"mean_d": 0.0, "sd_d": 0.0, "threshold": tol * _scale(d, config),
+                                "passed": True, "finetuned": False}
+                continue
+            check = measure_removal(memo_of[name], removed, config, tol, clocks[name])
+            fits[name] += check.pop("fits")
+            checks[name] = check
+            if not check["passed"]:
+                failed.append(name)
+                # The replay under-estimated this layer's loss: scale its costs by what the
+                # fine-tune measured (at least 1.25x, so that the next round moves).
+                predicted = max(spent[name], 0.25 * check["threshold"], 1e-12)
+                factors[name] *= max(check["mean_d"] / predicted, 1.25)
+        fine_tunes = sum(fits.values())
+        message = (f"verify {round_ + 1}/{VERIFY_ROUNDS} tol={tol:.3g}: "
+                   + (f"failed in {', '.join(failed)}" if failed else "every layer passed")
+                   + f" ({fine_tunes} fine-tunes so far)")
+        log.info("target search %s", message)
+        if not failed:
             break
-        if fraction < config.target:
-            if tol >= low:
-                low, low_fraction = tol, fraction
-        elif tol <= high:
-            high, high_fraction = tol, fraction
-        if low > 0 and high < math.inf:
-            # Bracketed: interpolate the measured fractions in log tol (regula falsi). The
-            # replay of one sweep's tests ignores that a layer's references change with the
-            # layers above it; near the target that error is the size of the band (target
-            # 0.5 on LeNet-5 went 54.0% -> 42.9% -> 54.0% on replayed tols).
-            share = (config.target - low_fraction) / max(high_fraction - low_fraction, 1e-9)
-            share = min(max(share, 0.1), 0.9)  # stay inside the bracket
-            tol = math.exp(math.log(low) + share * (math.log(high) - math.log(low)))
-            continue
-        predicted = _tol_for(decisions, goal, config)
-        if not low < predicted < high:  # the prediction left the bracket
-            predicted = tol * 4 if high == math.inf else tol / 4
-        tol = predicted
-    tol, fraction, decisions = min(tried, key=lambda t: abs(t[1] - config.target))
-    if abs(fraction - config.target) > 0.02:
-        tol, decisions = _adjusted(decisions, goal, config)
-        adjusted = removed_fraction(ctx.groups, {n: d.kept for n, d in decisions.items()})
-        log.info("target search: no sweep landed within 0.02 (closest %.1f%%); its tests "
-                 "replayed at tol=%.3g remove %.1f%%", 100 * fraction, tol, 100 * adjusted)
-        fraction = adjusted
-    log.info("target search chose tol=%.3g after %d sweeps: removes %.1f%% of units",
-             tol, len(tried), 100 * fraction)
-    return tol, decisions, [t[2] for t in tried]
+    ctx.progress(Phase.SELECTING, 1.0, message)
+    out = {}
+    for name, d in replayed.items():
+        phases = dict(swept[name].phases)
+        for phase, seconds in clocks[name].seconds.items():
+            phases[phase] = phases.get(phase, 0.0) + seconds
+        out[name] = dataclasses.replace(
+            d, fits=swept[name].fits + fits[name], phases=phases,
+            seconds=swept[name].seconds + sum(clocks[name].seconds.values()),
+            replay={"sweep_tol": sweep_tol, "tol": tol, "cost_factor": factors[name],
+                    "rounds": round_ + 1, "verification": checks[name]})
+    return tol, out
 
 
-def _replayed(decisions: Mapping[str, LayerDecision], tol: float, config: PruneConfig
-              ) -> dict[str, set[int]]:
-    """The units each layer's recorded tests, replayed at `tol`, remove.
+def _scale(d: LayerDecision, config: PruneConfig) -> float:
+    """What a layer's tol multiplies: its estimated MI (or reference loss), never negative."""
+    return max(d.mi if config.tol_scale == "mi" else d.loss_ref, 0.0)
+
+
+def _replay_layer(d: LayerDecision, tol: float, config: PruneConfig, factor: float = 1.0
+                  ) -> tuple[set[int], float, list[dict]]:
+    """One layer's recorded tests replayed at `tol`: (units removed, the loss increase the
+    replay expects of the removed set, the tests with the replay's decision).
 
     A test's loss increase is cumulative (all units pruned so far plus the candidate), so each
     recorded increase is split into the budget already spent when it ran (the increase of the
     last pruned unit before it) and the candidate's own share; a replay at another tol walks
-    the same order, spending the shares of the units it prunes. Constant units are removed at
-    any tol; each layer keeps at least min_units.
+    the same order, spending the shares (x `factor`) of the units it prunes: a unit goes when
+    the increase with it, less t x its test's sd / sqrt(R), is within tol x the layer's MI.
+    Constant units are removed at any tol; the layer keeps at least min_units. Each returned
+    test is the recorded one with `kept` the replay's decision, `sweep_kept` the sweep's,
+    `threshold` tol x MI, `replay_mean_d` the cumulative increase the replay expected with
+    the candidate removed.
     """
     critical = _Test(config).critical / config.repeats ** 0.5
-    out: dict[str, set[int]] = {}
-    for name, d in decisions.items():
-        scale = max(d.mi if config.tol_scale == "mi" else d.loss_ref, 0.0)
-        tested = {t["unit"] for t in d.units}
-        removed = {u for u in d.pruned if u not in tested}  # constants
-        spent_then, spent_now = 0.0, 0.0
-        room = d.size - min(d.size, config.min_units)
-        for t in d.units:
-            share = t["mean_d"] - spent_then
-            if not t["kept"]:
-                spent_then = t["mean_d"]
-            if len(removed) < room and spent_now + share - critical * t["sd_d"] <= tol * scale:
-                removed.add(t["unit"])
-                spent_now += share
-        out[name] = removed
-    return out
+    threshold = tol * _scale(d, config)
+    tested = {t["unit"] for t in d.units}
+    removed = {u for u in d.pruned if u not in tested}  # constants
+    spent_then, spent_now = 0.0, 0.0
+    room = d.size - min(d.size, config.min_units)
+    tests = []
+    for t in d.units:
+        share = t["mean_d"] - spent_then
+        if not t["kept"]:
+            spent_then = t["mean_d"]
+        expected = factor * (spent_now + share)
+        goes = len(removed) < room and expected - critical * t["sd_d"] <= threshold
+        if goes:
+            removed.add(t["unit"])
+            spent_now += share
+        tests.append({**t, "kept": not goes, "sweep_kept": t["kept"], "threshold": threshold,
+                      "sweep_threshold": t["threshold"], "replay_mean_d": expected})
+    return removed, factor * spent_now, tests
 
 
-def _tol_for(decisions: Mapping[str, LayerDecision], goal: float, config: PruneConfig) -> float:
+def _replayed(decisions: Mapping[str, LayerDecision], tol: float, config: PruneConfig,
+              factors: Mapping[str, float] | None = None) -> dict[str, set[int]]:
+    """The units each layer's recorded tests, replayed at `tol` (`_replay_layer`), remove."""
+    factors = factors or {}
+    return {name: _replay_layer(d, tol, config, factors.get(name, 1.0))[0]
+            for name, d in decisions.items()}
+
+
+def _tol_for(decisions: Mapping[str, LayerDecision], goal: float, config: PruneConfig,
+             factors: Mapping[str, float] | None = None) -> float:
     """The tol at which the recorded tests, replayed (`_replayed`), remove `goal` units in all
-    (log-scale bisection on the replay)."""
+    (log-scale bisection on the replay; the nearest count from above when none is exact)."""
 
     def removed_at(tol: float) -> int:
-        return sum(len(r) for r in _replayed(decisions, tol, config).values())
+        return sum(len(r) for r in _replayed(decisions, tol, config, factors).values())
 
-    low, high = 1e-6, 10.0
+    low, high = TOL_FLOOR, 10.0
     if removed_at(high) < goal:
         return high
+    if removed_at(low) >= goal:
+        return low
     for _ in range(40):
         mid = math.sqrt(low * high)
         low, high = (mid, high) if removed_at(mid) < goal else (low, mid)
-    return high
+    # The count is a step function of tol: take the side nearer the goal.
+    return low if goal - removed_at(low) < removed_at(high) - goal else high
 
 
-def _adjusted(decisions: dict[str, LayerDecision], goal: float, config: PruneConfig
-              ) -> tuple[float, dict[str, LayerDecision]]:
-    """The closest sweep brought to `goal` units removed without another sweep: its own tests
-    replayed at the tol that removes `goal` (the units nearest their layer's threshold go or
-    come back first). Used only when no sweep landed within the band: a layer's references
-    were fitted with the sweep's own kept set above it, not the adjusted one."""
-    tol = _tol_for(decisions, goal, config)
-    removed = _replayed(decisions, tol, config)
-    out = {}
+def _replay_at_goal(decisions: Mapping[str, LayerDecision], goal: float, config: PruneConfig,
+                    factors: Mapping[str, float] | None = None
+                    ) -> tuple[float, dict[str, LayerDecision], dict[str, float]]:
+    """The sweep's decisions brought to `goal` units removed without another sweep: its own
+    tests replayed at the tol that removes `goal` (the units nearest their layer's threshold go
+    or come back first). When even the smallest tol removes more (the confidence allowance,
+    t x sd / sqrt(R), lets an insignificant increase go at any tol), the removed units whose
+    increase is largest relative to their layer's MI come back first until `goal`. Returns
+    (tol, the replayed decisions, whose tests' `kept` flags are the replay's, the loss increase
+    the replay expects per layer)."""
+    factors = factors or {}
+    tol = _tol_for(decisions, goal, config, factors)
+    replays = {name: _replay_layer(d, tol, config, factors.get(name, 1.0))
+               for name, d in decisions.items()}
+    excess = sum(len(r[0]) for r in replays.values()) - round(goal)
+    if excess > 0 and tol <= TOL_FLOOR:
+        critical = _Test(config).critical / config.repeats ** 0.5
+        removed_tests = [(name, t) for name, r in replays.items() for t in r[2] if not t["kept"]]
+
+        def relative(item):
+            name, t = item
+            return (t["replay_mean_d"] - critical * t["sd_d"]) / \
+                (_scale(decisions[name], config) or 1.0)
+        for name, t in sorted(removed_tests, key=relative, reverse=True)[:excess]:
+            t["kept"] = True
+            replays[name][0].discard(t["unit"])
+    out, spent = {}, {}
     for name, d in decisions.items():
-        kept = [u for u in range(d.size) if u not in removed[name]]
-        out[name] = dataclasses.replace(d, kept=kept, pruned=sorted(removed[name]))
-    return tol, out
+        removed, _, tests = replays[name]
+        spent[name] = factors.get(name, 1.0) * sum(
+            share for unit, share in _shares(d).items() if unit in removed)
+        out[name] = dataclasses.replace(d, kept=[u for u in range(d.size) if u not in removed],
+                                        pruned=sorted(removed), units=tests)
+    return tol, out, spent
 
 
-def _selection(sweeps: list[dict[str, LayerDecision]], tol: float, capture_seconds: float,
-               chosen: dict[str, LayerDecision] | None = None) -> Selection:
-    """The Selection of `chosen` (default: the last sweep), with the phase seconds of every
-    sweep summed (activations: the one recording of all layers)."""
-    decisions = chosen if chosen is not None else sweeps[-1]
+def _shares(d: LayerDecision) -> dict[int, float]:
+    """Each tested unit's own share of its recorded cumulative increase (`_replay_layer`)."""
+    shares, spent_then = {}, 0.0
+    for t in d.units:
+        shares[t["unit"]] = t["mean_d"] - spent_then
+        if not t["kept"]:
+            spent_then = t["mean_d"]
+    return shares
+
+
+def _selection(decisions: dict[str, LayerDecision], tol: float, capture_seconds: float
+               ) -> Selection:
+    """The Selection of `decisions`, with their phase seconds summed over layers (activations:
+    the one recording of all layers). A layer's tests carry the decision it reports: for a
+    replayed layer, the replay's `kept` flags (the sweep's in `sweep_kept`)."""
     layers = {name: {**d.summary(), "tol": tol, "order": d.order, "tests": d.units}
               for name, d in decisions.items()}
     phases = {"activations": capture_seconds}
-    for sweep in sweeps:
-        for d in sweep.values():
-            for name, seconds in d.phases.items():
-                phases[name] = phases.get(name, 0.0) + seconds
+    for d in decisions.values():
+        for name, seconds in d.phases.items():
+            phases[name] = phases.get(name, 0.0) + seconds
     return Selection(keep={name: d.kept for name, d in decisions.items()}, layers=layers,
                      phases={k: round(v, 3) for k, v in phases.items()})
