@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+import anyio
+from anyio.lowlevel import RunVar
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +35,57 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+T = TypeVar("T")
+
+
+class Reads:
+    """Where the API's hot reads (a job, the job list) run: `await reads.run(fn)` calls
+    `fn(connection)` on a pooled connection, on the reads' own `threads` per event loop, and
+    returns its result.
+
+    On PostgreSQL the reads have their own pool, in autocommit and without the pre-ping, so a
+    read is one round trip where a session's is four (ping, BEGIN, the query, ROLLBACK). A
+    connection the server has dropped fails its read once, and the read is retried on a fresh
+    one (reads are safe to repeat; a database that is down fails the retry: a 503). SQLite
+    reads share `engine`.
+
+    `threads` is the setting MIPP_READ_THREADS (default 1, the measured best on 2 cores,
+    BENCHMARKS.md §7): more threads overlap round trips but hand the GIL back and forth with
+    the event loop, which at 50 clients cost more than they gained."""
+
+    def __init__(self, url: str, engine: Engine, threads: int):
+        if url.startswith("sqlite"):
+            self.engine = engine
+        else:
+            # Named, so pg_stat_activity tells the reads' connections apart.
+            self.engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=threads,
+                                        max_overflow=threads,
+                                        connect_args={"application_name": "mipp-api-reads"})
+        self.threads = threads
+        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"mipp_reads_{id(self)}")
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            limiter = self._limiter.get()
+        except LookupError:  # one per event loop, as anyio keeps its default limiter
+            limiter = anyio.CapacityLimiter(self.threads)
+            self._limiter.set(limiter)
+        return await anyio.to_thread.run_sync(self._run, fn, limiter=limiter)
+
+    def _run(self, fn: Callable[[Connection], T]) -> T:
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect() as connection:
+                    return fn(connection)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -10,18 +10,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, TypeVar
 
 import anyio
-from anyio.lowlevel import RunVar
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Select, bindparam
+from sqlalchemy import Connection, Select, bindparam
 from sqlalchemy.orm import Session
 
+from app import job_json
 from app.errors import NotFound, Unauthorized
 from app.limits import check_rate
 from app.models import Dataset, Job, ModelFile, Sweep, User
 from app.queue import JobQueue
-from app.schemas import JobOut
-from app.security import USER_FOR_KEY, hash_key, user_for_key
+from app.security import CALLER_FOR_KEY, Caller, caller_of, hash_key, user_for_key
 from app.settings import Settings
 from app.storage import ObjectStore
 
@@ -77,7 +76,8 @@ def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-def admit(request: Request, settings: Settings, found: tuple[User, str] | None) -> User:
+def admit(request: Request, settings: Settings, found: tuple[User | Caller, str] | None
+          ) -> User | Caller:
     """The user of a key lookup's (user, key id) (401 when the key was unknown or revoked),
     after spending one of the key's requests (429 with Retry-After when it is over its rate;
     app.limits)."""
@@ -103,7 +103,7 @@ def get_current_user(request: Request, session: SessionDep, settings: SettingsDe
 CurrentUser = Annotated[User, Depends(get_current_user)]
 
 
-def visible(stmt: Select, column, user: User) -> Select:
+def visible(stmt: Select, column, user: User | Caller) -> Select:
     """Restrict a query to the caller's rows unless the caller is an admin."""
     return stmt if user.is_admin else stmt.where(column == user.id)
 
@@ -150,60 +150,56 @@ def owned_sweep(session: SessionDep, user: CurrentUser,
     return owned_row(session, Sweep, sweep_id, user, "sweep")
 
 
-# Reads that do all their database work in one hop (viewed_job, the job list) run on their
-# own few threads: at 50 clients on the shared 256 (app.main.API_THREADS) most of them only
-# waited for a pooled connection or the GIL, stretching every request's latency. A read
-# holds its connection only inside its hop, so a small limit cannot deadlock as the shared
-# pool could (app.main).
-READ_THREADS = 8
-_read_limiter: RunVar[anyio.CapacityLimiter] = RunVar("mipp_read_limiter")
+# The hot reads (a job, the job list) do all their database work in one call to
+# app.db.Reads (`request.app.state.reads`): one hop to its threads, one round trip per query.
 
 
-async def run_read(fn: Callable[[], T]) -> T:
-    """`fn()` (blocking: it queries and closes its session) on the read threads."""
-    try:
-        limiter = _read_limiter.get()
-    except LookupError:  # one per event loop, as anyio keeps its default limiter
-        limiter = anyio.CapacityLimiter(READ_THREADS)
-        _read_limiter.set(limiter)
-    return await anyio.to_thread.run_sync(fn, limiter=limiter)
+async def read_as_caller(request: Request, settings: Settings,
+                         credentials: HTTPAuthorizationCredentials | None,
+                         fn: Callable[[Connection, Caller], T]) -> T:
+    """`fn(connection, caller)` after the key check (the same 401 and 429 as CurrentUser), on
+    one connection of the hot reads (app.db.Reads)."""
+    token = bearer_token(credentials)
+
+    def body(connection: Connection) -> T:
+        row = connection.execute(CALLER_FOR_KEY, {"key_hash": hash_key(token)}).first()
+        return fn(connection, admit(request, settings, caller_of(row)))
+
+    return await request.app.state.reads.run(body)
 
 
-# The columns a job's answer shows (JobOut's fields): read as a row, not an ORM instance,
-# and without the masks (they can be large, and no answer shows them).
-JOB_OUT_COLUMNS = tuple(Job.__table__.c[name] for name in JobOut.model_fields)
-# The key's user and the job in one round trip (the job's columns are NULL when no such id).
-_KEY_AND_JOB = USER_FOR_KEY.add_columns(*JOB_OUT_COLUMNS).outerjoin_from(
+# The key's caller and the job in one round trip (the job's columns are NULL when no such id).
+_KEY_AND_JOB = CALLER_FOR_KEY.add_columns(*job_json.COLUMNS).outerjoin_from(
     User, Job.__table__, Job.__table__.c.id == bindparam("job_id"))
+_CALLER_WIDTH = len(CALLER_FOR_KEY.selected_columns)
 
 
-async def viewed_job(request: Request, session: SessionDep, settings: SettingsDep,
-                     credentials: Credentials,
-                     job_id: Annotated[str, Path(description="The job's id.")]) -> JobOut:
-    """The caller's job as its answer, for a route that only shows it; the same 401, 429 and
-    404 answers as CurrentUser then OwnedJob. The key check and the job are one query, run
-    with the session's close in one thread-pool hop, so the connection is back in the pool
-    before the answer is written."""
+async def viewed_job(request: Request, settings: SettingsDep, credentials: Credentials,
+                     job_id: Annotated[str, Path(description="The job's id.")]) -> bytes:
+    """The caller's job as its JSON answer (app.job_json), for a route that only shows it;
+    the same 401, 429 and 404 answers as CurrentUser then OwnedJob. The key check and the job
+    are one query, one round trip (app.db.Reads)."""
+    token = bearer_token(credentials)
+    if not ID_PATTERN.fullmatch(job_id):
+        # The key is checked first, as CurrentUser then OwnedJob would; then the 404.
+        await read_as_caller(request, settings, credentials, lambda c, u: None)
+        check_id(job_id, "job")
 
-    def load() -> JobOut:
-        token = bearer_token(credentials)
-        if not ID_PATTERN.fullmatch(job_id):
-            authenticate(request, session, settings, credentials)
-            check_id(job_id, "job")  # raises the 404
-        row = session.execute(_KEY_AND_JOB, {"key_hash": hash_key(token), "job_id": job_id}
-                              ).first()
-        user = admit(request, settings, None if row is None else (row[0], row[1]))
-        job = dict(zip(JobOut.model_fields, row[2:]))
-        if job["id"] is None or (job["owner_id"] != user.id and not user.is_admin):
+    def load(connection: Connection) -> bytes:
+        row = connection.execute(_KEY_AND_JOB, {"key_hash": hash_key(token), "job_id": job_id}
+                                 ).first()
+        user = admit(request, settings, caller_of(row))
+        job = tuple(row[_CALLER_WIDTH:])
+        if job[job_json.ID] is None or (job[job_json.OWNER_ID] != user.id
+                                        and not user.is_admin):
             raise NotFound(f"job {job_id!r} not found")  # as owned_row answers
-        session.close()
-        return JobOut.model_validate(job)
+        return job_json.job_json(job)
 
-    return await run_read(load)
+    return await request.app.state.reads.run(load)
 
 
 OwnedJob = Annotated[Job, Depends(owned_job)]
-ViewedJob = Annotated[JobOut, Depends(viewed_job)]
+ViewedJob = Annotated[bytes, Depends(viewed_job)]
 OwnedSweep = Annotated[Sweep, Depends(owned_sweep)]
 OwnedModel = Annotated[ModelFile, Depends(owned_model)]
 OwnedDataset = Annotated[Dataset, Depends(owned_dataset)]

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.body_guard import JsonBodyGuard
 from app.core.maintenance import MaintenanceReport, run_maintenance
 from app.core.scratch import remove_abandoned
-from app.db import make_engine, make_sessionmaker
+from app.db import Reads, make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.queue import JobQueue
 from app.routes import datasets, health, jobs, models, sweeps, users
@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if maintenance is not None:
             maintenance.stop.set()
         app.state.engine.dispose()
+        app.state.reads.dispose()
 
     app = FastAPI(
         title="mipp pruning service",
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.database_url)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.reads = Reads(settings.database_url, engine, settings.read_threads)
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = make_store(settings)
     app.state.queue = JobQueue(settings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
@@ -42,13 +43,40 @@ def create_user(session: Session, name: str, *, is_admin: bool = False) -> tuple
 
 
 # Built once: every request runs it, and building the statement (and its cache key) cost
-# as much as executing it. Rows: (User, the key's id); a loader may add its own columns to
-# it to read them in the same round trip (app.deps.viewed_job).
+# as much as executing it. Rows: (User, the key's id).
 USER_FOR_KEY = (
     select(User, ApiKey.id)
     .join(ApiKey, ApiKey.user_id == User.id)
     .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked.is_(False))
 )
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The user of a key as the hot reads need it (app.deps.read_as_caller): what the
+    ownership checks and the rate limit read, without an ORM instance."""
+
+    id: str
+    name: str
+    is_admin: bool
+    requests_per_minute: int | None
+
+
+# Rows: the Caller's fields, then the key's id; read on a bare connection (no session). A
+# loader may add its own columns to read them in the same round trip (app.deps.viewed_job).
+CALLER_FOR_KEY = (
+    select(User.id, User.name, User.is_admin, User.requests_per_minute, ApiKey.id)
+    .join(ApiKey, ApiKey.user_id == User.id)
+    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked.is_(False))
+)
+
+
+def caller_of(row) -> tuple[Caller, str] | None:
+    """(Caller, key id) from a row that starts with CALLER_FOR_KEY's columns; None for no row
+    or a row whose key columns are NULL."""
+    if row is None or row[0] is None:
+        return None
+    return Caller(*row[:4]), row[4]
 
 
 def user_for_key(session: Session, token: str) -> tuple[User, str] | None:

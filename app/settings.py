@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         "artifacts together); an upload beyond it is refused with 413. 0 = no limit. Per user: "
         "`mipp admin quota USER --storage-bytes N`."
     )
+    read_threads: int = Field(
+        1, ge=1, le=64, description="Threads per API process for the hot reads (GET a job, "
+        "list jobs), each with its own database connection. 1 measured best on 2 cores "
+        "(BENCHMARKS.md §7); more may pay on a many-core host with a remote database."
+    )
     requests_per_minute: int = Field(
         1200, ge=0, description="Default per-key request rate (a token bucket holding one "
         "minute's worth, per API process); beyond it 429 with Retry-After. 0 = no limit. Per "

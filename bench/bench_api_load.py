@@ -2,6 +2,7 @@
 server measured on the same machine in the same run.
 
     .venv/bin/python bench/bench_api_load.py [--duration 10] [--connections 50] [--workers 2]
+    .venv/bin/python bench/bench_api_load.py --read-threads 1 8   # also a server with 8
     .venv/bin/python bench/bench_api_load.py --report      # tables from the raw results only
 
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust) and `wrk` (Debian package `wrk`).
@@ -98,7 +99,8 @@ def _stop(proc: subprocess.Popen) -> None:
 # The two servers
 
 
-def start_mipp(db: str, workers: int, tmp: Path) -> tuple[subprocess.Popen, str, str, str]:
+def start_mipp(db: str, workers: int, tmp: Path, read_threads: int | None = None
+               ) -> tuple[subprocess.Popen, str, str, str]:
     from app.db import migrate, session_scope
     from app.models import Job, JobStatus, User, utcnow
     from app.security import new_api_key
@@ -129,12 +131,13 @@ def start_mipp(db: str, workers: int, tmp: Path) -> tuple[subprocess.Popen, str,
            "MIPP_DATA_DIR": str(tmp / "mipp"), "MIPP_SWEEPER_INTERVAL_S": "0",
            "MIPP_ENVIRONMENT": "production",
            # One key drives the whole load: its request rate limit would answer 429.
-           "MIPP_REQUESTS_PER_MINUTE": "0"}
+           "MIPP_REQUESTS_PER_MINUTE": "0",
+           **({} if read_threads is None else {"MIPP_READ_THREADS": str(read_threads)})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host",
          "127.0.0.1", "--port", str(port), "--workers", str(workers), "--no-access-log",
          "--log-level", "warning"],
-        cwd=REPO, env=env, start_new_session=True, stdout=open(tmp / "mipp.log", "wb"),
+        cwd=REPO, env=env, start_new_session=True, stdout=open(tmp / f"{db}.log", "wb"),
         stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     _wait_http(f"{base}/healthz")
@@ -287,6 +290,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--read-threads", type=int, nargs="+", default=[1],
+                        help="MIPP_READ_THREADS of each mipp server; the first is the one "
+                        "compared with MLflow, the others are measured beside it")
     parser.add_argument("--report", action="store_true", help="print the tables and exit")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSONL to append to")
     args = parser.parse_args()
@@ -297,7 +303,8 @@ def main() -> None:
         sys.exit("wrk is missing: apt-get install wrk")
     run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     suffix = os.getpid()
-    dbs = [f"mipp_bench_{suffix}", f"mlflow_bench_{suffix}"]
+    mipp_dbs = [f"mipp_bench_{suffix}_{i}" for i in range(len(args.read_threads))]
+    dbs = [*mipp_dbs, f"mlflow_bench_{suffix}"]
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="mipp-load-") as tmp_name:
         tmp = Path(tmp_name)
@@ -305,15 +312,20 @@ def main() -> None:
             for db in dbs:
                 _psql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
                 _psql(f'CREATE DATABASE "{db}"')
-            mipp_proc, mipp, key, job_id = start_mipp(dbs[0], args.workers, tmp)
-            procs.append(mipp_proc)
-            auth = {"Authorization": f"Bearer {key}"}
-            targets = [
-                ("mipp GET job", f"{mipp}/api/v1/jobs/{job_id}", auth, "GET", None),
-                ("mipp list jobs", f"{mipp}/api/v1/jobs?limit=20", auth, "GET", None),
-            ]
+            targets = []
+            for threads, db in zip(args.read_threads, mipp_dbs):
+                # The server's default first; other settings are labelled with theirs.
+                label = "" if threads == args.read_threads[0] else f" ({threads} read threads)"
+                mipp_proc, mipp, key, job_id = start_mipp(db, args.workers, tmp, threads)
+                procs.append(mipp_proc)
+                auth = {"Authorization": f"Bearer {key}"}
+                targets += [
+                    (f"mipp GET job{label}", f"{mipp}/api/v1/jobs/{job_id}", auth, "GET", None),
+                    (f"mipp list jobs{label}", f"{mipp}/api/v1/jobs?limit=20", auth, "GET",
+                     None),
+                ]
             if not args.no_mlflow:
-                mlflow_proc, mlflow, run_id, exp = start_mlflow(dbs[1], args.workers, tmp)
+                mlflow_proc, mlflow, run_id, exp = start_mlflow(dbs[-1], args.workers, tmp)
                 procs.append(mlflow_proc)
                 api = f"{mlflow}/api/2.0/mlflow"
                 targets.insert(1, ("MLflow GET run", f"{api}/runs/get?run_id={run_id}", {},

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import Query
-from sqlalchemy import Select, func, select
+from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.core.scratch import scratch_dir
@@ -41,16 +41,40 @@ def check_text(value: str | None, field: str, max_chars: int = MAX_NAME_CHARS) -
     return value
 
 
-def page(session: Session, stmt: Select, order_by, limit: int, offset: int,
-         rows: bool = False) -> tuple[list, int]:
-    """One page of `stmt` and the total it matches: its first column's values (an ORM
-    entity), or with `rows` whole rows of a select of columns, read without the ORM (no
-    instances to build)."""
-    run = session.connection().execute if rows else session.execute
+def page(session: Session, stmt: Select, order_by, limit: int, offset: int) -> tuple[list, int]:
+    """One page of `stmt` (a select of one ORM entity) and the total it matches."""
     count = select(func.count()).select_from(stmt.order_by(None).subquery())
-    total = run(count).scalar()
-    result = run(stmt.order_by(order_by).limit(limit).offset(offset))
-    return list(result.all() if rows else result.scalars().all()), int(total or 0)
+    total = session.execute(count).scalar()
+    items = session.execute(stmt.order_by(order_by).limit(limit).offset(offset)).scalars()
+    return list(items.all()), int(total or 0)
+
+
+class PagedQuery:
+    """Pages of `stmt` (a select of columns of one table, `key` its primary key, written with
+    bind parameters) as tuples of its columns, with the total it matches. Built once and
+    reused: building a statement and its cache key cost more than running it. `order_by`
+    should end with a unique column, so that pages neither repeat nor skip rows."""
+
+    def __init__(self, stmt: Select, key, order_by: tuple):
+        # The page's keys and the total (a window count) are chosen first, so the database
+        # reads the shown columns (large JSON text) of the page's rows only.
+        chosen = (stmt.with_only_columns(key, func.count().over().label("total"))
+                  .order_by(*order_by).limit(bindparam("limit")).offset(bindparam("offset"))
+                  .subquery())
+        self.page = (select(*stmt.selected_columns, chosen.c.total)
+                     .join_from(key.table, chosen, key == chosen.c[key.name])
+                     .order_by(*order_by))
+        self.count = select(func.count()).select_from(stmt.subquery())
+
+    def run(self, connection: Connection, params: dict, limit: int, offset: int
+            ) -> tuple[list[tuple], int]:
+        """One page and the total, in one query; a second one counts only when the page is
+        empty (an offset past the end)."""
+        rows = connection.execute(self.page, {**params, "limit": limit, "offset": offset}
+                                  ).all()
+        if rows:
+            return [tuple(row)[:-1] for row in rows], int(rows[0][-1])
+        return [], int(connection.execute(self.count, params).scalar() or 0)
 
 
 @contextmanager

@@ -6,22 +6,25 @@ HTTP only: every state change of a job is a call into app.core.jobs.
 from __future__ import annotations
 
 import asyncio
+from functools import lru_cache
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as FastAPIPath
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
+from app import job_json
 from app.core import jobs
-from app.core.jobs import JobRequest
 from app.core.housekeeping import delete_job_files
-from app.deps import (JOB_OUT_COLUMNS, CurrentUser, OwnedJob, QueueDep, SessionDep, SettingsDep,
-                      StoreDep, ViewedJob, run_read, visible)
+from app.core.jobs import JobRequest
+from app.deps import (Credentials, CurrentUser, OwnedJob, QueueDep, SessionDep,
+                      SettingsDep, StoreDep, ViewedJob, read_as_caller)
 from app.errors import InvalidRequest, NotFound
 from app.models import Job, JobLogLine, JobStatus
-from app.routes.common import AUTHENTICATED, Limit, Offset, check_text, error_responses, page
+from app.routes.common import (AUTHENTICATED, Limit, Offset, PagedQuery, check_text,
+                               error_responses)
 from app.schemas import ArtifactOut, JobIn, JobOut, LayerOut, Page
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=AUTHENTICATED)
@@ -56,10 +59,27 @@ def submit_job(
     return job
 
 
+_FILTERS = {"sweep_id": Job.sweep_id, "model_id": Job.model_id, "dataset_id": Job.dataset_id}
+
+
+@lru_cache(maxsize=64)
+def _jobs_query(own: bool, by_status: bool, filters: tuple[str, ...]) -> PagedQuery:
+    """The job list's query for one combination of filters (at most 32), built once."""
+    stmt = select(*job_json.COLUMNS)
+    if own:
+        stmt = stmt.where(Job.owner_id == bindparam("owner_id"))
+    if by_status:
+        stmt = stmt.where(Job.status.in_(bindparam("status", expanding=True)))
+    for name in filters:
+        stmt = stmt.where(_FILTERS[name] == bindparam(name))
+    return PagedQuery(stmt, Job.id, (Job.created_at.desc(), Job.id.desc()))
+
+
 @router.get("", response_model=Page[JobOut], responses=error_responses(422))
 async def list_jobs(
-    user: CurrentUser,
-    session: SessionDep,
+    request: Request,
+    settings: SettingsDep,
+    credentials: Credentials,
     status: Annotated[list[str] | None, Query(description="Filter; repeat for several.")] = None,
     sweep_id: Annotated[str | None, Query(description="Only the jobs of this sweep.")] = None,
     model_id: Annotated[str | None, Query(
@@ -70,37 +90,33 @@ async def list_jobs(
     offset: Offset = 0,
 ):
     """Your jobs (an admin: everyone's), newest first."""
-    stmt = visible(select(*JOB_OUT_COLUMNS), Job.owner_id, user)
     if status:
         unknown = sorted(set(status) - set(JobStatus.ALL))
         if unknown:
+            await read_as_caller(request, settings, credentials, lambda c, u: None)  # 401 first
             raise InvalidRequest(
                 f"unknown status {', '.join(unknown)}; choose from {', '.join(JobStatus.ALL)}"
             )
-        stmt = stmt.where(Job.status.in_(status))
-    for column, value in ((Job.sweep_id, sweep_id), (Job.model_id, model_id),
-                          (Job.dataset_id, dataset_id)):
-        if value:
-            stmt = stmt.where(column == value)
+    filters = {name: value for name, value in (("sweep_id", sweep_id), ("model_id", model_id),
+                                               ("dataset_id", dataset_id)) if value}
 
-    def load() -> Page[JobOut]:
-        # One hop to the read threads for both queries and the rows' conversion (the columns an answer
-        # shows, as rows: no ORM instances); the session closes in it, so the connection is
-        # back in the pool before the answer is written.
-        rows, total = page(session, stmt, Job.created_at.desc(), limit, offset, rows=True)
-        session.close()
-        return Page[JobOut](items=[JobOut.model_validate(r) for r in rows], total=total,
-                            limit=limit, offset=offset)
+    def load(connection, user) -> bytes:
+        # The key check and the page (with its total) on one connection, in one hop to the
+        # read thread: the columns an answer shows, as rows, rendered by app.job_json.
+        query = _jobs_query(not user.is_admin, bool(status), tuple(filters))
+        params = {**filters, "owner_id": user.id, "status": status or []}
+        rows, total = query.run(connection, params, limit, offset)
+        return job_json.page_json(rows, total, limit, offset)
 
-    return await run_read(load)
+    return Response(await read_as_caller(request, settings, credentials, load),
+                    media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404, 422))
 async def get_job(job: ViewedJob):
     """One job: status, phase, progress and ETA, then its metrics, tol and units per layer."""
-    # async: the key check and the row's load are one thread-pool hop in the dependency;
-    # answering needs no I/O, so none for the call nor for the response's validation.
-    return job
+    # The dependency has read and rendered it (app.job_json): the bytes are the answer.
+    return Response(job, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut,

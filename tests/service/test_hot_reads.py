@@ -1,0 +1,110 @@
+"""The hot reads (`GET /jobs/{id}`, `GET /jobs`): their answers are the bytes FastAPI would
+have sent for `JobOut` / `Page[JobOut]`, a cached answer is never stale, pages neither repeat
+nor skip jobs, and a read survives the database dropping its connections. Both setups."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from pydantic import TypeAdapter
+from sqlalchemy import select, text, update
+
+from app.db import session_scope
+from app.models import Job, JobStatus, User
+from app.schemas import JobOut, Page
+
+pytestmark = pytest.mark.integration
+
+METRICS = {"accuracy": {"dense": 0.975, "retrained": 0.96}, "units": {"before": 112,
+                                                                     "after": 48}}
+
+
+def _add_jobs(service, user: str, n: int, **values) -> list[str]:
+    """n finished jobs of `user`, written straight to the database (no worker needed)."""
+    with session_scope(service.app.state.sessionmaker) as session:
+        owner = session.scalar(select(User).where(User.name.like(f"{user}-{service.name}-%"))
+                               .order_by(User.created_at.desc()))
+        fields = {"config": {"method": "l1", "target": 0.5, "nested": [1.5]},
+                  "queue": "gpu-default", "time_limit_s": 60, "status": JobStatus.SUCCEEDED,
+                  "phase": JobStatus.SUCCEEDED, "progress": 1.0, "message": "done",
+                  "attempt": 1, "metrics": METRICS, "tol": 0.01,
+                  "layer_units": {"fc1": {"before": 64, "after": 20}}, **values}
+        jobs = [Job(owner_id=owner.id, **fields) for _ in range(n)]
+        session.add_all(jobs)
+        session.flush()
+        return [job.id for job in jobs]
+
+
+def _as_fastapi_would(service, job_ids: list[str]) -> list[JobOut]:
+    with service.app.state.sessionmaker() as session:
+        rows = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+        return [JobOut.model_validate(rows[i]) for i in job_ids]
+
+
+def test_answers_are_the_bytes_fastapi_would_send(service):
+    headers = service.add_user("reader")
+    ids = _add_jobs(service, "reader", 3)
+    ids += _add_jobs(service, "reader", 1, metrics=None, layer_units=None, tol=None,
+                     error="a reason", finished_at=datetime(2026, 1, 2, 3, 4, 5, 6,
+                                                            tzinfo=timezone.utc))
+    for job_id, expected in zip(ids, _as_fastapi_would(service, ids)):
+        answer = service.client.get(f"/api/v1/jobs/{job_id}", headers=headers)
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.content == TypeAdapter(JobOut).dump_json(expected)
+
+    answer = service.client.get("/api/v1/jobs?limit=3&offset=1", headers=headers)
+    newest_first = _as_fastapi_would(service, ids[::-1])
+    page = Page[JobOut](items=newest_first[1:4], total=4, limit=3, offset=1)
+    assert answer.content == TypeAdapter(Page[JobOut]).dump_json(page)
+
+
+def test_a_cached_answer_follows_every_change_of_its_row(service):
+    headers = service.add_user("watcher")
+    [job_id] = _add_jobs(service, "watcher", 1, status=JobStatus.RUNNING, progress=0.25)
+    url = f"/api/v1/jobs/{job_id}"
+    assert service.client.get(url, headers=headers).json()["progress"] == 0.25
+    for progress, config in ((0.5, {"method": "l1", "target": 0.5, "nested": [1.5]}),
+                             (0.5, {"method": "l1", "target": 0.5, "nested": [2.5]})):
+        with session_scope(service.app.state.sessionmaker) as session:
+            session.execute(update(Job).where(Job.id == job_id)
+                            .values(progress=progress, config=config))
+        for answer in (service.client.get(url, headers=headers).json(),
+                       service.client.get("/api/v1/jobs", headers=headers).json()["items"][0]):
+            assert (answer["progress"], answer["config"]) == (progress, config)
+
+
+def test_pages_neither_repeat_nor_skip_jobs_submitted_at_the_same_instant(service):
+    headers = service.add_user("pager")
+    same = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    ids = set(_add_jobs(service, "pager", 7, created_at=same))
+    seen = []
+    for offset in range(0, 8, 2):
+        page = service.client.get(f"/api/v1/jobs?limit=2&offset={offset}",
+                                  headers=headers).json()
+        assert page["total"] == 7
+        seen += [item["id"] for item in page["items"]]
+    assert len(seen) == 7 and set(seen) == ids
+    past_the_end = service.client.get("/api/v1/jobs?limit=2&offset=50", headers=headers).json()
+    assert (past_the_end["items"], past_the_end["total"]) == ([], 7)
+
+
+def test_a_read_survives_the_database_dropping_its_connections(team_service):
+    """PostgreSQL restarted or an idle timeout: the reads' pooled connection is dead; the
+    read is retried on a new one instead of answering 503."""
+    service = team_service
+    headers = service.add_user("survivor")
+    [job_id] = _add_jobs(service, "survivor", 1)
+    url = f"/api/v1/jobs/{job_id}"
+    assert service.client.get(url, headers=headers).status_code == 200  # pools a connection
+    assert service.client.get("/api/v1/jobs", headers=headers).status_code == 200
+    with service.app.state.engine.connect() as connection:
+        killed = connection.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'mipp-api-reads'")
+        ).scalar()
+    assert killed >= 1
+    for _ in range(2):
+        assert service.client.get(url, headers=headers).status_code == 200
+        assert service.client.get("/api/v1/jobs", headers=headers).status_code == 200
