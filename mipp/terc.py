@@ -133,8 +133,8 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     activations (or the logits). Constant units are pruned up front; the last remaining unit is
     never pruned. memo: an empty dict, or one filled by an earlier call with the same x, y,
     seed and config except `tol`: the reference fit, the ordering and every masked fine-tune
-    are then reused (a target search re-walks a layer at another tol for the cost of the tests
-    that differ). y_is_logits: y is the network's logits (reconstructed with cross-entropy when
+    are then reused (a walk at another tol pays only for the tests that differ; a target
+    search's verification, `measure_removal`, tests its replayed set against that reference). y_is_logits: y is the network's logits (reconstructed with cross-entropy when
     `reconstructor.logits_loss` is "ce"). Raises ValueError if x and y have different row counts.
     """
     if x.shape[0] != y.shape[0]:
@@ -163,8 +163,8 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     def record(unit: int, d_unit: torch.Tensor, tuned: bool) -> bool:
         keep, mean, sd = test.keep(d_unit, threshold)
         statistic = mean - test.critical * sd / test.sqrt_r
-        # flip_tol: the tol at which this test would change its answer (the target search
-        # sets tol from these); nan when the layer has no MI to scale by.
+        # flip_tol: the tol at which this test alone would change its answer; nan when the
+        # layer has no MI to scale by.
         decision.units.append({"unit": unit, "mean_d": mean, "sd_d": sd,
                                "threshold": threshold, "kept": keep, "finetuned": tuned,
                                "flip_tol": statistic / scale if scale > 0 else float("nan")})
