@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -116,6 +117,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         # An API killed mid-upload left its scratch folder; remove it before serving.
         remove_abandoned(settings.tmp_dir)
+        # Fewer, cheaper garbage collections: what the app allocated at start (routes,
+        # models, compiled statements) is frozen out of every later collection, and the
+        # young generation is collected every 50,000 allocations, not 700: a request
+        # allocates thousands of short-lived objects, and each collection paused every
+        # request of the process (the load benchmark's tail, BENCHMARKS.md §7).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, *gc.get_threshold()[1:])
         maintenance = None
         if settings.sweeper_interval_s > 0:
             maintenance = Maintenance(app)
