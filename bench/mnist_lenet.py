@@ -3,6 +3,7 @@
     python bench/mnist_lenet.py paths --seeds 0 1 2 3 4      # sequential vs fast, per seed
     python bench/mnist_lenet.py targets --code after         # targets 0.5/0.8/0.9/0.95 (+ ThiNet)
     PYTHONPATH=/tmp/mipp-before python bench/mnist_lenet.py targets --code before
+    python bench/mnist_lenet.py target-seeds --seeds 0 1 2 3 4 --targets 0.9 0.95  # before/after
     python bench/mnist_lenet.py redundancy --seeds 0 1 2 3 4 # synthetic redundancy at small tols
     python bench/mnist_lenet.py options --seeds 0 1 2        # issue 9 item 5 options at target 0.8
     python bench/mnist_lenet.py ablation --seeds 0 1         # the selection defaults, one at a time
@@ -11,7 +12,10 @@
 `paths` runs the sequential and the fast path back to back for each seed (interleaved, so both
 see the same load) and records per-layer kept sets and selection seconds. `targets` runs MIPP
 at each target and ThiNet at the fraction MIPP reached, one after the other. `--code` labels
-the row ("before" runs the code of a `git worktree` put first on PYTHONPATH). Every row carries
+the row ("before" runs the code of a `git worktree` put first on PYTHONPATH). `target-seeds` runs
+the same target searches per seed without ThiNet, so that `--code before` and `--code after` pair
+by seed (bench/results/mnist_lenet-targets-seeds.jsonl; a row already there is skipped, so a
+stopped run resumes). Every row carries
 the load average and the commit of the imported `mipp`; rows append to
 bench/results/mnist_lenet-<kind>.jsonl and are never truncated. `table` renders the tables from
 those files alone. The calibration set is 2,048 samples and the reference fit 50 epochs
@@ -152,6 +156,32 @@ def run_targets(args) -> None:
                      thinet, args.code, seed=args.seeds[0], loadavg_before=load))
 
 
+def run_target_seeds(args) -> None:
+    """Per seed: the default-tol sweep, then each target (no ThiNet), under `--code`; the table
+    pairs "after" with "before" by seed. Rows already in the file (code, seed, label) are skipped."""
+    import mipp
+    from mipp.config import PruneConfig
+    path = args.results / "mnist_lenet-targets-seeds.jsonl"
+    counter = _SweepCounter()
+    logging.getLogger("mipp").addHandler(counter)
+    logging.getLogger("mipp").setLevel(logging.INFO)
+    done = {(r["code"], r["seed"], r["label"]) for r in _read(path)}
+    runs = [("default tol", {})] + [(f"target {t}", {"target": t}) for t in args.targets]
+    for seed in args.seeds:
+        todo = [(label, s) for label, s in runs if (args.code, seed, label) not in done]
+        if not todo:
+            continue
+        data, model, dev = _setup(seed, args.device)
+        base = _base(seed, dev)
+        for label, settings in todo:
+            counter.sweeps = 0
+            load = os.getloadavg()[0]
+            result = mipp.prune(model, data, PruneConfig(**base, **settings))
+            _append(path, _row("targets", label, settings, result, args.code, seed=seed,
+                               loadavg_before=load,
+                               sweeps=counter.sweeps if settings else 1))
+
+
 OPTIONS = {"default": {}, "logits_loss=ce": {"logits_loss": "ce"},
            "linear_below=16": {"linear_below": 16}}
 
@@ -252,6 +282,88 @@ def _jaccard(a: list[int], b: list[int]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def _t975(df: int) -> float:
+    from scipy.stats import t
+    return float(t.ppf(0.975, df))
+
+
+def _x_one_sweep(last: dict, r: dict) -> float | None:
+    """Selection seconds over the default-tol sweep's of the same code and seed (same process
+    when the run was not resumed): the ratio survives load that slows both alike."""
+    one = last.get((r["code"], r["seed"], "default tol"))
+    return r["seconds"]["selection"] / one["seconds"]["selection"] if one else None
+
+
+def _render_target_seeds(rows: list[dict]) -> list[str]:
+    """Per target and code: landed fraction, retrained accuracy, selection seconds as a ratio to
+    the same seed's default-tol sweep of the same code, sweeps; then "after" - "before" paired by
+    seed with its 95% t-interval. A later row of the same (code, seed, label) replaces an earlier."""
+    if not rows:
+        return []
+    last = {(r["code"], r["seed"], r["label"]): r for r in rows}
+    codes = sorted({c for c, _, _ in last}, key=lambda c: (c != "before", c))
+    targets = sorted({r["settings"]["target"] for r in last.values() if "target" in r["settings"]})
+    out = ["| target | code (commit) | seeds | removed mean (min-max) | max miss | retrained "
+           "mean ± sd | selection s mean | x one sweep mean (min-max) | sweeps (min-max) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for target in targets:
+        for code in codes:
+            cell = [r for (c, _, _), r in sorted(last.items(), key=lambda kv: kv[0][1])
+                    if c == code and r["settings"].get("target") == target]
+            if not cell:
+                continue
+            removed = [r["removed_fraction"] for r in cell]
+            acc_m, acc_sd = _mean_sd([r["accuracy"]["retrained"] for r in cell])
+            sel = [r["seconds"]["selection"] for r in cell]
+            ratios = [x for x in (_x_one_sweep(last, r) for r in cell) if x]
+            sweeps = [r["sweeps"] for r in cell]
+            commits = ",".join(sorted({r["commit"] for r in cell}))
+            ratio = (f"{sum(ratios) / len(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                     if ratios else "-")
+            out.append(f"| {target:g} | {code} ({commits}) | {len(cell)} "
+                       f"| {sum(removed) / len(removed):.1%} ({min(removed):.1%}-{max(removed):.1%}) "
+                       f"| {max(abs(x - target) for x in removed):.3f} "
+                       f"| {acc_m:.4f} ± {acc_sd:.4f} | {sum(sel) / len(sel):.1f} | {ratio} "
+                       f"| {min(sweeps)}-{max(sweeps)} |")
+    out.append("")
+    if {"before", "after"} <= set(codes):
+        out += ["Paired by seed, after - before (95% t-interval over the seeds both codes ran; "
+                "x one sweep: each code's selection s over its own default-tol sweep of that seed, "
+                "niced runs on a shared machine):", "",
+                "| target | pairs | removed diff (pp) | retrained diff mean [95% CI] | after wins "
+                "/ ties / losses | per seed (after - before) | x one sweep after / before |",
+                "|---|---|---|---|---|---|---|"]
+        for target in targets:
+            label = f"target {target}"
+            seeds = sorted(s for c, s, lab in last if c == "after" and lab == label
+                           and ("before", s, label) in last)
+            if not seeds:
+                continue
+            a = [last[("after", s, label)] for s in seeds]
+            b = [last[("before", s, label)] for s in seeds]
+            diff = [x["accuracy"]["retrained"] - y["accuracy"]["retrained"] for x, y in zip(a, b)]
+            m, sd = _mean_sd(diff)
+            half = _t975(len(diff) - 1) * sd / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+            dr = [100 * (x["removed_fraction"] - y["removed_fraction"]) for x, y in zip(a, b)]
+            wins = sum(d > 0 for d in diff), sum(d == 0 for d in diff), sum(d < 0 for d in diff)
+            per = ", ".join(f"{s}: {d:+.4f}" for s, d in zip(seeds, diff))
+            ra = [x for x in (_x_one_sweep(last, r) for r in a) if x]
+            rb = [x for x in (_x_one_sweep(last, r) for r in b) if x]
+            speed = (f"{sum(ra) / len(ra):.2f} / {sum(rb) / len(rb):.2f}" if ra and rb else "-")
+            out.append(f"| {target:g} | {len(seeds)} | {sum(dr) / len(dr):+.1f} "
+                       + (f"| {m:+.4f} [{m - half:+.4f}, {m + half:+.4f}] " if len(diff) > 1
+                          else f"| {m:+.4f} [-] ")
+                       + f"| {wins[0]} / {wins[1]} / "
+                       f"{wins[2]} | {per} | {speed} |")
+        out.append("")
+    return out
+
+
 def render(results: Path) -> str:
     out = []
     paths = _read(results / "mnist_lenet-paths.jsonl")
@@ -324,6 +436,8 @@ def render(results: Path) -> str:
                            + f" | {other:.1f} | {r['seconds'].get('refit', 0.0):.2f} "
                            f"| {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f} |")
             out.append("")
+    seeded = _read(results / "mnist_lenet-targets-seeds.jsonl")
+    out += _render_target_seeds(seeded)
     redundancy = _read(results / "mnist_lenet-redundancy.jsonl")
     if redundancy:
         out += ["| tol | seeds | exact answer (one of each redundant set kept, nothing else) "
@@ -369,15 +483,16 @@ def render(results: Path) -> str:
                        f"| {r['removed_fraction']:.1%} | {r['accuracy']['retrained']:.4f} "
                        f"| {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f} |")
         out.append("")
-    machines = sorted({r["machine"] for r in paths + targets + redundancy + options + ablation})
+    machines = sorted({r["machine"] for r in paths + targets + seeded + redundancy + options
+                       + ablation})
     out.append("Machine: " + "; ".join(machines) + ".")
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["paths", "targets", "redundancy", "options", "ablation",
-                                           "table"])
+    parser.add_argument("what", choices=["paths", "targets", "target-seeds", "redundancy",
+                                           "options", "ablation", "table"])
     parser.add_argument("--tols", type=float, nargs="+", default=[0.0, 0.001, 0.002, 0.005, 0.01])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -390,6 +505,8 @@ def main() -> None:
         run_paths(args)
     elif args.what == "targets":
         run_targets(args)
+    elif args.what == "target-seeds":
+        run_target_seeds(args)
     elif args.what == "redundancy":
         run_redundancy(args)
     elif args.what == "options":
