@@ -17,7 +17,9 @@ worker processes, and no access log:
   `GET /api/2.0/mlflow/runs/get?run_id=` and `POST /api/2.0/mlflow/runs/search`
   (max_results 20). MLflow has no authentication here; mipp checks a key on every request.
 wrk runs each target for `--duration` s after a 2 s warm-up, targets interleaved, `--rounds`
-times. Every measurement (with the 1-minute load average before and after) is appended to
+times; before each, the bench waits (up to 60 s) until the CPUs are 80% idle, so that a server
+still working off the previous target's backlog does not load the next measurement. Every
+measurement (with the 1-minute load average before and after) is appended to
 bench/results/api_load.jsonl (with the commit measured); the tables in BENCHMARKS.md are
 `--report`'s output.
 """
@@ -219,6 +221,28 @@ def _ms(text: str) -> float:
     return round(float(number) * _UNITS[unit], 3)
 
 
+def _cpu_idle(interval: float = 0.5) -> float:
+    """The machine's idle share over `interval` seconds (Linux /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    idle0, total0 = sample()
+    time.sleep(interval)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def settle(timeout: float = 60.0) -> float:
+    """Wait until the CPUs are mostly idle (a server still working off the previous target's
+    backlog, MLflow's search especially, would load the next measurement); the seconds
+    waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout and _cpu_idle() < 0.8:
+        pass
+    return round(time.monotonic() - started, 1)
+
+
 def wrk(url: str, connections: int, duration: int, tmp: Path, headers: dict | None = None,
         method: str = "GET", body: dict | None = None) -> dict:
     script = tmp / "wrk.lua"
@@ -232,11 +256,12 @@ def wrk(url: str, connections: int, duration: int, tmp: Path, headers: dict | No
     # A 10 s timeout: with wrk's default (2 s) an overloaded server sees reconnects pile up.
     base = ["wrk", "-t", "2", "-c", str(connections), "--timeout", "10s", "--latency", "-s",
             str(script)]
+    settled_s = settle()
     subprocess.run([*base, "-d", "2s", url], capture_output=True, check=True)  # warm-up
     load_before = _loadavg()
     out = subprocess.run([*base, "-d", f"{duration}s", url], capture_output=True, text=True,
                          check=True).stdout
-    result = {"load_before": load_before, "load_after": _loadavg()}
+    result = {"load_before": load_before, "load_after": _loadavg(), "settled_s": settled_s}
     result["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     result["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
     for pct in ("50", "75", "90", "99"):

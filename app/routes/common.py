@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import Query
-from sqlalchemy import Connection, Select, bindparam, func, select
+from sqlalchemy import Connection, Select, bindparam, func, select, true
 from sqlalchemy.orm import Session
 
 from app.core.scratch import scratch_dir
@@ -51,30 +51,50 @@ def page(session: Session, stmt: Select, order_by, limit: int, offset: int) -> t
 
 class PagedQuery:
     """Pages of `stmt` (a select of columns of one table, `key` its primary key, written with
-    bind parameters) as tuples of its columns, with the total it matches. Built once and
-    reused: building a statement and its cache key cost more than running it. `order_by`
-    should end with a unique column, so that pages neither repeat nor skip rows."""
+    bind parameters) as tuples of its columns, with the total it matches, newest first by
+    `order` (columns of `stmt`'s table, the last one unique, so that pages neither repeat
+    nor skip rows). Built once and reused: building a statement and its cache key cost more
+    than running it.
 
-    def __init__(self, stmt: Select, key, order_by: tuple):
+    With `caller` (a select that returns at most one row, e.g. the key check), that row comes
+    in front of each page row in the same query, and once alone when the page is empty, so
+    the caller and the page are one round trip."""
+
+    def __init__(self, stmt: Select, key, order: tuple, caller: Select | None = None):
+        newest_first = [column.desc() for column in order]
         # The page's keys and the total (a window count) are chosen first, so the database
         # reads the shown columns (large JSON text) of the page's rows only.
         chosen = (stmt.with_only_columns(key, func.count().over().label("total"))
-                  .order_by(*order_by).limit(bindparam("limit")).offset(bindparam("offset"))
-                  .subquery())
-        self.page = (select(*stmt.selected_columns, chosen.c.total)
-                     .join_from(key.table, chosen, key == chosen.c[key.name])
-                     .order_by(*order_by))
+                  .order_by(*newest_first).limit(bindparam("limit"))
+                  .offset(bindparam("offset")).subquery())
+        page = (select(*stmt.selected_columns, chosen.c.total)
+                .join_from(key.table, chosen, key == chosen.c[key.name]))
+        self.caller_width = 0
+        if caller is None:
+            self.page = page.order_by(*newest_first)
+        else:
+            caller_rows, page_rows = caller.subquery(), page.subquery()
+            self.caller_width = len(caller.selected_columns)
+            self.page = (select(caller_rows, page_rows)
+                         .select_from(caller_rows.outerjoin(page_rows, true()))
+                         .order_by(*(page_rows.c[column.key].desc() for column in order)))
         self.count = select(func.count()).select_from(stmt.subquery())
+        self.key_index = [column.key for column in stmt.selected_columns].index(key.key)
 
     def run(self, connection: Connection, params: dict, limit: int, offset: int
-            ) -> tuple[list[tuple], int]:
-        """One page and the total, in one query; a second one counts only when the page is
-        empty (an offset past the end)."""
-        rows = connection.execute(self.page, {**params, "limit": limit, "offset": offset}
-                                  ).all()
+            ) -> tuple[tuple | None, list[tuple], int]:
+        """(the caller's row or None, the page's rows, the total) in one query; a second one
+        counts only when the page is empty (an offset past the end)."""
+        found = connection.execute(self.page, {**params, "limit": limit, "offset": offset}
+                                   ).all()
+        width = self.caller_width
+        caller = tuple(found[0][:width]) if width and found else None
+        rows = [tuple(row)[width:-1] for row in found if row[width + self.key_index] is not None]
+        if width and not found:
+            return None, [], 0
         if rows:
-            return [tuple(row)[:-1] for row in rows], int(rows[0][-1])
-        return [], int(connection.execute(self.count, params).scalar() or 0)
+            return caller, rows, int(found[0][-1])
+        return caller, [], int(connection.execute(self.count, params).scalar() or 0)
 
 
 @contextmanager

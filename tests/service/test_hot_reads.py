@@ -4,14 +4,12 @@ nor skip jobs, and a read survives the database dropping its connections. Both s
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 import pytest
 from pydantic import TypeAdapter
 from sqlalchemy import select, text, update
 
 from app.db import session_scope
-from app.models import Job, JobStatus, User
+from app.models import Job, JobStatus, User, utcnow
 from app.schemas import JobOut, Page
 
 pytestmark = pytest.mark.integration
@@ -46,8 +44,7 @@ def test_answers_are_the_bytes_fastapi_would_send(service):
     headers = service.add_user("reader")
     ids = _add_jobs(service, "reader", 3)
     ids += _add_jobs(service, "reader", 1, metrics=None, layer_units=None, tol=None,
-                     error="a reason", finished_at=datetime(2026, 1, 2, 3, 4, 5, 6,
-                                                            tzinfo=timezone.utc))
+                     error="a reason", finished_at=utcnow())
     for job_id, expected in zip(ids, _as_fastapi_would(service, ids)):
         answer = service.client.get(f"/api/v1/jobs/{job_id}", headers=headers)
         assert answer.status_code == 200
@@ -77,7 +74,7 @@ def test_a_cached_answer_follows_every_change_of_its_row(service):
 
 def test_pages_neither_repeat_nor_skip_jobs_submitted_at_the_same_instant(service):
     headers = service.add_user("pager")
-    same = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+    same = utcnow()
     ids = set(_add_jobs(service, "pager", 7, created_at=same))
     seen = []
     for offset in range(0, 8, 2):
@@ -108,3 +105,38 @@ def test_a_read_survives_the_database_dropping_its_connections(team_service):
     for _ in range(2):
         assert service.client.get(url, headers=headers).status_code == 200
         assert service.client.get("/api/v1/jobs", headers=headers).status_code == 200
+
+
+def test_the_list_follows_its_callers_rank_and_key_at_once(service):
+    """The list guesses from the key whether the caller is an admin (one query for the key
+    check and the page); the guess never shows: promoted, demoted or revoked, the very next
+    list is right."""
+    owner = service.add_user("lister")
+    boss = service.add_user("boss")
+    mine = set(_add_jobs(service, "lister", 2))
+    theirs = set(_add_jobs(service, "boss", 1))
+
+    def listed(headers) -> set[str]:
+        answer = service.client.get("/api/v1/jobs?limit=200", headers=headers)
+        assert answer.status_code == 200, answer.text
+        return {item["id"] for item in answer.json()["items"]}
+
+    def set_admin(user: str, value: bool) -> None:
+        with session_scope(service.app.state.sessionmaker) as session:
+            session.execute(update(User).where(User.name.like(f"{user}-{service.name}-%"))
+                            .values(is_admin=value))
+
+    assert listed(owner) >= mine and not listed(owner) & theirs
+    assert listed(boss) == theirs
+    set_admin("boss", True)
+    assert listed(boss) >= mine | theirs  # an admin's list: everyone's
+    assert listed(boss) >= mine | theirs
+    set_admin("boss", False)
+    assert listed(boss) == theirs
+    with session_scope(service.app.state.sessionmaker) as session:
+        session.execute(text(
+            "UPDATE api_keys SET revoked = :yes WHERE user_id IN "
+            "(SELECT id FROM users WHERE name LIKE :name)"),
+            {"yes": True, "name": f"lister-{service.name}-%"})
+    answer = service.client.get("/api/v1/jobs", headers=owner)
+    assert answer.status_code == 401 and "revoked" in answer.json()["detail"]
