@@ -3,7 +3,7 @@ server measured on the same machine in the same run.
 
     .venv/bin/python bench/bench_api_load.py [--duration 10] [--connections 50] [--workers 2]
     .venv/bin/python bench/bench_api_load.py --read-threads 1 8   # also a server with 8
-    .venv/bin/python bench/bench_api_load.py --report      # tables from the raw results only
+    .venv/bin/python bench/bench_api_load.py --report [--since 2026-12-02T07:30]   # tables
 
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust) and `wrk` (Debian package `wrk`).
 Both servers get a scratch PostgreSQL database (dropped at the end), the same number of
@@ -277,8 +277,10 @@ def wrk(url: str, connections: int, duration: int, tmp: Path, headers: dict | No
 # Report
 
 
-def report(path: Path = RESULTS) -> str:
+def report(path: Path = RESULTS, since: str = "") -> str:
+    """The tables of every run in `path` that started at or after `since` (an ISO time)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row["run"] >= since]
     runs: dict[str, list[dict]] = {}
     for row in rows:
         runs.setdefault(row["run"], []).append(row)
@@ -319,10 +321,12 @@ def main() -> None:
                         help="MIPP_READ_THREADS of each mipp server; the first is the one "
                         "compared with MLflow, the others are measured beside it")
     parser.add_argument("--report", action="store_true", help="print the tables and exit")
+    parser.add_argument("--since", default="", help="--report: only the runs that started at "
+                        "or after this UTC time, e.g. 2026-12-02T07:30")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSONL to append to")
     args = parser.parse_args()
     if args.report:
-        print(report(args.results))
+        print(report(args.results, args.since))
         return
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
@@ -376,7 +380,7 @@ def main() -> None:
                 _stop(proc)
             for db in dbs:
                 _psql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-    print(report(args.results))
+    print(report(args.results, run))  # this run's tables
 
 
 if __name__ == "__main__":
