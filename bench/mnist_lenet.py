@@ -299,10 +299,23 @@ def _x_one_sweep(last: dict, r: dict) -> float | None:
     return r["seconds"]["selection"] / one["seconds"]["selection"] if one else None
 
 
+def _paired_target_rows(last: dict, code: str, targets: list[float]) -> list[tuple]:
+    """Per target: (target, seeds, `code`'s rows, "before"'s rows) over the seeds both ran."""
+    out = []
+    for target in targets:
+        label = f"target {target}"
+        seeds = sorted(s for c, s, lab in last if c == code and lab == label
+                       and ("before", s, label) in last)
+        if seeds:
+            out.append((target, seeds, [last[(code, s, label)] for s in seeds],
+                        [last[("before", s, label)] for s in seeds]))
+    return out
+
+
 def _render_target_seeds(rows: list[dict]) -> list[str]:
     """Per target and code: landed fraction, retrained accuracy, selection seconds as a ratio to
-    the same seed's default-tol sweep of the same code, sweeps; then "after" - "before" paired by
-    seed with its 95% t-interval. A later row of the same (code, seed, label) replaces an earlier."""
+    the same seed's default-tol sweep of the same code, sweeps; then each code - "before" paired
+    by seed with its 95% t-interval. A later row of the same (code, seed, label) replaces an earlier."""
     if not rows:
         return []
     last = {(r["code"], r["seed"], r["label"]): r for r in rows}
@@ -331,21 +344,18 @@ def _render_target_seeds(rows: list[dict]) -> list[str]:
                        f"| {acc_m:.4f} ± {acc_sd:.4f} | {sum(sel) / len(sel):.1f} | {ratio} "
                        f"| {min(sweeps)}-{max(sweeps)} |")
     out.append("")
-    if {"before", "after"} <= set(codes):
-        out += ["Paired by seed, after - before (95% t-interval over the seeds both codes ran; "
-                "x one sweep: each code's selection s over its own default-tol sweep of that seed, "
-                "niced runs on a shared machine):", "",
-                "| target | pairs | removed diff (pp) | retrained diff mean [95% CI] | after wins "
-                "/ ties / losses | per seed (after - before) | x one sweep after / before |",
+    for code in [c for c in codes if c != "before"] if "before" in codes else []:
+        pairs = _paired_target_rows(last, code, targets)
+        if not pairs:
+            continue
+        out += [f"Paired by seed, {code} - before (95% t-interval over the seeds both codes "
+                "ran; x one sweep: each code's selection s over its own default-tol sweep of "
+                "that seed, niced runs on a shared machine):", "",
+                f"| target | pairs | removed diff (pp) | retrained diff mean [95% CI] | {code} "
+                f"wins / ties / losses | per seed ({code} - before) | x one sweep {code} / "
+                "before |",
                 "|---|---|---|---|---|---|---|"]
-        for target in targets:
-            label = f"target {target}"
-            seeds = sorted(s for c, s, lab in last if c == "after" and lab == label
-                           and ("before", s, label) in last)
-            if not seeds:
-                continue
-            a = [last[("after", s, label)] for s in seeds]
-            b = [last[("before", s, label)] for s in seeds]
+        for target, seeds, a, b in pairs:
             diff = [x["accuracy"]["retrained"] - y["accuracy"]["retrained"] for x, y in zip(a, b)]
             m, sd = _mean_sd(diff)
             half = _t975(len(diff) - 1) * sd / len(diff) ** 0.5 if len(diff) > 1 else float("nan")

@@ -177,7 +177,8 @@ def prune(model: nn.Module, data, config: PruneConfig = PruneConfig(), *,
     layers = [{"name": g.name, "units_before": g.size, "units_after": len(masks[g.name]),
                **{k: v for k, v in selection.layers.get(g.name, {}).items()
                   if k in ("loss_empty", "loss_ref", "mi_estimate", "constant_units", "tol",
-                           "candidate_fits", "seconds", "partition_rounding", "replayed")}}
+                           "candidate_fits", "seconds", "partition_rounding", "replayed",
+                           "sweeps")}}
               for g in groups]
     before, after = model_cost(dense, example), model_cost(pruned, example)
     units_before = sum(g.size for g in groups)

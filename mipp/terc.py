@@ -61,6 +61,8 @@ class LayerDecision:
     standardised targets (mi = loss_empty - loss_ref, the layer's estimated MI). replay: set
     when the kept set is not the walk's own but its tests replayed at another tol by a target
     search ({"sweep_tol", "tol", "cost_factor", "verification"}; mipp/methods/mipp.py).
+    sweeps: set by a target search, the sweeps it ran (fits, seconds and phases are then
+    summed over them).
     """
 
     size: int
@@ -77,6 +79,7 @@ class LayerDecision:
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     replay: dict | None = None
+    sweeps: int | None = None
 
     def summary(self) -> dict:
         """phases: seconds spent per phase (PHASES; for a replayed decision, the walk's and
@@ -89,7 +92,8 @@ class LayerDecision:
                 "seconds": round(self.seconds, 3),
                 "phases": {k: round(v, 3) for k, v in self.phases.items()},
                 "replayed": self.replay is not None,
-                **({"replay": self.replay} if self.replay is not None else {})}
+                **({"replay": self.replay} if self.replay is not None else {}),
+                **({"sweeps": self.sweeps} if self.sweeps is not None else {})}
 
 
 class _Test:

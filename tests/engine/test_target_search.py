@@ -1,6 +1,7 @@
-"""MIPP's target search (mipp/methods/mipp.py `search_tol`): one sweep, its tests replayed at
-the tol that removes the target, verified; it lands within 0.02 at the cost of one sweep and a
-few fine-tunes, and its report shows the decisions it made."""
+"""MIPP's target search (mipp/methods/mipp.py `search_tol`): a sweep, a fresh one while the
+target lies above what the last removed, the last one's tests replayed at the tol that removes
+the target, verified; below the sweep it lands within 0.02 at the cost of one sweep and a few
+fine-tunes, and its report shows the decisions it made."""
 
 import logging
 
@@ -12,7 +13,7 @@ from mipp.config import PruneConfig, ReconstructorConfig, TrainConfig
 from mipp.data import load_dataset
 from mipp.groups import find_unit_groups
 from mipp.methods.context import SelectionContext, removed_fraction
-from mipp.methods.mipp import VERIFY_ROUNDS, _replay_at_goal, _replayed, select_mipp
+from mipp.methods.mipp import MAX_SWEEPS, VERIFY_ROUNDS, _replay_at_goal, _replayed, select_mipp
 from mipp.terc import LayerDecision
 from mipp.zoo import build_model
 
@@ -130,25 +131,53 @@ def _flags_match(selection) -> None:
         assert not {t["unit"] for t in layer["tests"] if not t["kept"]} & kept, name
 
 
-@pytest.mark.parametrize("target", [0.3, 0.9])
-def test_a_target_lands_within_the_band_in_one_sweep_and_a_few_fine_tunes(
-        digits_context, target, caplog):
+def _sweep_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("target search sweep")]
+
+
+def test_a_target_below_the_sweep_lands_in_one_sweep_and_a_few_fine_tunes(digits_context,
+                                                                          caplog):
     groups, run = digits_context
     single = run()
-    assert abs(removed_fraction(groups, single.keep) - target) > 0.02  # the replay must work
+    target = 0.3
+    assert removed_fraction(groups, single.keep) - target > 0.02  # the replay must work
     with caplog.at_level(logging.INFO, logger="mipp.selection"):
         selection = run(target)
     assert abs(removed_fraction(groups, selection.keep) - target) <= 0.02
-    sweeps = [r for r in caplog.records if r.getMessage().startswith("target search sweep")]
-    assert len(sweeps) == 1
+    assert len(_sweep_lines(caplog)) == 1
     # The sweep is the default one (same fits); the verification adds at most one fine-tune
     # a layer a round.
     assert _fits(single) <= _fits(selection) <= _fits(single) + VERIFY_ROUNDS * len(groups)
     _flags_match(selection)
     for layer in selection.layers.values():
         assert layer["replayed"] and 1 <= layer["replay"]["rounds"] <= VERIFY_ROUNDS
-        assert layer["replay"]["tol"] == layer["tol"]
+        assert layer["replay"]["tol"] == layer["tol"] and layer["sweeps"] == 1
         assert {"mean_d", "threshold", "passed"} <= set(layer["replay"]["verification"])
+
+
+def test_a_target_above_the_sweep_gets_a_fresh_sweep_not_an_extrapolated_replay(
+        digits_context, caplog):
+    groups, run = digits_context
+    single = run()
+    target = 0.9
+    assert target - removed_fraction(groups, single.keep) > 0.02
+    with caplog.at_level(logging.INFO, logger="mipp.selection"):
+        selection = run(target)
+    assert abs(removed_fraction(groups, selection.keep) - target) <= 0.02
+    lines = _sweep_lines(caplog)
+    assert 2 <= len(lines) <= MAX_SWEEPS
+    assert lines[0].startswith("target search sweep 1/") and lines[1].startswith(
+        "target search sweep 2/")
+    # The second sweep runs at a larger tol than the first, and the report counts both
+    # sweeps' fine-tunes: more than the single sweep, fewer than two full ones (the output
+    # layer's fits are reused).
+    tols = [float(line.split("tol=")[1].split(":")[0]) for line in lines]
+    assert tols == sorted(tols) and tols[1] > tols[0]
+    assert _fits(single) < _fits(selection) < 2 * _fits(single) + VERIFY_ROUNDS * len(groups)
+    _flags_match(selection)
+    for layer in selection.layers.values():
+        assert layer["sweeps"] == len(lines)
 
 
 def test_a_target_the_sweep_already_meets_is_the_sweep(digits_context):
