@@ -57,8 +57,9 @@ class Reads:
     BENCHMARKS.md §7): more threads overlap round trips but hand the GIL back and forth with
     the event loop, which at 50 clients cost more than they gained. The threads are a plain
     executor of this process, not anyio's `to_thread`: at 50 clients listing jobs, anyio's
-    hand-off (its limiter, task and library lookups) cost the event loop about 15% of the
-    process's CPU (py-spy --gil), the loop's `run_in_executor` a fraction of that."""
+    hand-off (its limiter, task and library lookups) took about 15% of the process's GIL time in
+    one py-spy --gil profile of the list, the loop's `run_in_executor` a fraction of that
+    (end to end the two were within the run-to-run spread, BENCHMARKS.md §7)."""
 
     def __init__(self, url: str, engine: Engine, threads: int):
         if url.startswith("sqlite"):
