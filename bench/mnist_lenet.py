@@ -315,7 +315,8 @@ def _paired_target_rows(last: dict, code: str, targets: list[float]) -> list[tup
 def _render_target_seeds(rows: list[dict]) -> list[str]:
     """Per target and code: landed fraction, retrained accuracy, selection seconds as a ratio to
     the same seed's default-tol sweep of the same code, sweeps; then each code - "before" paired
-    by seed with its 95% t-interval. A later row of the same (code, seed, label) replaces an earlier."""
+    by seed with its 95% t-interval. A later row of the same (code, seed, label) replaces an
+    earlier."""
     if not rows:
         return []
     last = {(r["code"], r["seed"], r["label"]): r for r in rows}
@@ -344,8 +345,8 @@ def _render_target_seeds(rows: list[dict]) -> list[str]:
                        f"| {acc_m:.4f} ± {acc_sd:.4f} | {sum(sel) / len(sel):.1f} | {ratio} "
                        f"| {min(sweeps)}-{max(sweeps)} |")
     out.append("")
-    for code in [c for c in codes if c != "before"] if "before" in codes else []:
-        pairs = _paired_target_rows(last, code, targets)
+    for code in codes:
+        pairs = _paired_target_rows(last, code, targets) if code != "before" else []
         if not pairs:
             continue
         out += [f"Paired by seed, {code} - before (95% t-interval over the seeds both codes "

@@ -244,7 +244,8 @@ def _verified_replay(ctx: SelectionContext, swept: dict[str, LayerDecision],
     checks: dict[str, dict] = {}
     for round_ in range(VERIFY_ROUNDS):
         tol, replayed, spent = _replay_at_goal(swept, goal, config, factors)
-        ctx.progress(Phase.SELECTING, SWEEP_SHARES[-1] + (1 - SWEEP_SHARES[-1]) * round_ / VERIFY_ROUNDS,
+        verify_start = SWEEP_SHARES[-1]
+        ctx.progress(Phase.SELECTING, verify_start + (1 - verify_start) * round_ / VERIFY_ROUNDS,
                      f"verify {round_ + 1}/{VERIFY_ROUNDS} tol={tol:.3g}: replay "
                      f"{_removed_summary(ctx, replayed)}")
         failed = []
