@@ -108,8 +108,11 @@ def _append(path: Path, record: dict) -> None:
 
 
 def cell_key(r: dict) -> tuple:
+    """A cell's identity; the last element is the retraining lr's scale (1: the dense recipe's
+    lr, the only scale the main tables read; rows before the option have none)."""
     return (r["arm"], r["dataset"], r["arch"], int(r["seed"]), float(r["fraction_target"]),
-            r["choice"], r["allocation"], bool(r["refit"]), str(r["budget"]))
+            r["choice"], r["allocation"], bool(r["refit"]), str(r["budget"]),
+            float(r.get("retrain_lr_scale", 1.0)))
 
 
 def budget_epochs(budget: str, dense_epochs: int) -> int:
@@ -316,7 +319,7 @@ def run_cells(m: Model, fraction: float, args, log: Path, done: set, mipp_sel: d
         for choice in args.choices:
             wanted = [(refit, budget) for refit in args.refits for budget in args.budgets
                       if ("after-training", m.dataset, m.arch, m.seed, fraction, choice,
-                          allocation, refit, budget) not in done]
+                          allocation, refit, budget, args.retrain_lr_scale) not in done]
             if not wanted:
                 continue
             keep, selection_s = choose(m, choice, counts, mipp_sel, fraction, args)
@@ -334,9 +337,10 @@ def run_cells(m: Model, fraction: float, args, log: Path, done: set, mipp_sel: d
                 for budget in [b for r, b in wanted if r == refit]:
                     epochs = budget_epochs(budget, m.dense_epochs)
                     model = copy.deepcopy(pruned)
+                    recipe = m.recipe.model_copy(update={
+                        "epochs": epochs, "lr": m.recipe.lr * args.retrain_lr_scale})
                     began = time.perf_counter()
-                    mipp.train(model, data, m.recipe.model_copy(update={"epochs": epochs}),
-                               device=m.device, seed=m.seed)
+                    mipp.train(model, data, recipe, device=m.device, seed=m.seed)
                     retrain_s = time.perf_counter() - began
                     acc = evaluate(model, data.x_test, data.y_test, device=m.device)["accuracy"]
                     row = {"arm": "after-training", "dataset": m.dataset, "arch": m.arch,
@@ -344,6 +348,8 @@ def run_cells(m: Model, fraction: float, args, log: Path, done: set, mipp_sel: d
                            "removed_fraction": round(1 - sum(counts.values()) / m.total, 5),
                            "choice": choice, "allocation": allocation, "refit": refit,
                            "budget": budget, "retrain_epochs": epochs,
+                           "retrain_lr": recipe.lr,
+                           "retrain_lr_scale": args.retrain_lr_scale,
                            "dense_epochs": m.dense_epochs, "tol": mipp_sel["tol"],
                            "counts": counts, "acc_dense": m.acc_dense,
                            "acc_pruned_no_refit": acc_no_refit, "acc_pruned": acc_pruned,
@@ -529,12 +535,14 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _index(rows: list[dict]) -> dict:
-    """cell (without seed) -> {seed: row}; a cell run twice keeps its last row."""
+def _index(rows: list[dict], lr_scale: float = 1.0) -> dict:
+    """cell (without seed and lr scale) -> {seed: row}, for the rows retrained at `lr_scale`
+    times the dense recipe's lr; a cell run twice keeps its last row."""
     cells: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in rows:
         k = cell_key(r)
-        cells[k[:3] + k[4:]][k[3]] = r
+        if k[9] == lr_scale:
+            cells[k[:3] + k[4:9]][k[3]] = r
     return cells
 
 
@@ -574,7 +582,46 @@ def _allocation_table(cells, dataset, arch, fractions, choices, refits, budgets,
     return out
 
 
+def _lr_scale(r: dict) -> float:
+    return float(r.get("retrain_lr_scale", 1.0))
+
+
+def lr_table(rows: list[dict]) -> list[str]:
+    """Cells retrained at another multiple of the dense recipe's lr, against the same cells at
+    the recipe's lr (scale 1), paired by seed."""
+    scales = sorted({_lr_scale(r) for r in rows} - {1.0})
+    if not scales:
+        return []
+    base = _index(rows)
+    out = ["#### Retraining lr: the same cells retrained at a multiple of the dense recipe's lr "
+           "(scaled − recipe, accuracy points after retraining, paired by seed)\n",
+           "| model | removed | choice | allocation | refit | retrain | lr | seeds "
+           "| after the refit (%) | at the recipe's lr (%) | at the scaled lr (%) "
+           "| scaled − recipe |",
+           "|---|---|---|---|---|---|---|---:|---:|---:|---:|---|"]
+    for scale in scales:
+        for key, scaled in sorted(_index(rows, scale).items()):
+            ref = base.get(key, {})
+            seeds = sorted(set(ref) & set(scaled))
+            if not seeds:
+                continue
+            _, dataset, arch, f, choice, allocation, refit, budget = key
+            s = paired([_acc(scaled[k], "1") - _acc(ref[k], "1") for k in seeds])
+            lr = next(iter(scaled.values()))["retrain_lr"]
+            out.append(
+                f"| {dataset} / {arch} | {100 * f:.0f}% (target) | {choice} | {allocation} "
+                f"| {'on' if refit else 'off'} | {budget_label(budget)} | {lr:g} ({scale:g}x) "
+                f"| {len(seeds)} | {_mean_sd([_acc(ref[k], '0') for k in seeds])} "
+                f"| {_mean_sd([_acc(ref[k], '1') for k in seeds])} "
+                f"| {_mean_sd([_acc(scaled[k], '1') for k in seeds])} | {_fmt_diff(s)}"
+                + (f" {verdict({**s, 'mean': -s['mean']}, 'scaled lr')} |" if s["n"] >= 2
+                   else " |"))
+    return [*out, ""]
+
+
 def tables(rows: list[dict], selections: list[dict]) -> str:
+    lr_rows = lr_table(rows)
+    rows = [r for r in rows if _lr_scale(r) == 1.0]  # the main tables: the recipe's lr
     cells = _index(rows)
     out = []
     pat = [r for r in rows if r["arm"] == "after-training"]
@@ -698,6 +745,7 @@ def tables(rows: list[dict], selections: list[dict]) -> str:
                        + f" | {100 * statistics.mean(r['removed_fraction'] for r in recs):.1f}% | "
                        f"{statistics.mean(r['selection_s'] for r in recs):.0f} | "
                        + ", ".join(sorted({r.get("code", "before 9dfde53") for r in recs})) + " |")
+    out += ["", *lr_rows] if lr_rows else []
     return "\n".join(out) + "\n"
 
 
@@ -716,6 +764,7 @@ def plots(rows: list[dict], prefix: str) -> list[Path]:
 
     IMG.mkdir(parents=True, exist_ok=True)
     written = []
+    rows = [r for r in rows if _lr_scale(r) == 1.0]  # the recipe's lr, as in the main tables
     pat = [r for r in rows if r["arm"] == "after-training" and r["allocation"] == "mipp"
            and r["refit"]]
     for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in pat}):
@@ -803,6 +852,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-refit-off", action="store_true", help="refit on only")
     parser.add_argument("--at-init", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--deadline", type=float, help="stop starting new fractions after N s")
+    parser.add_argument("--retrain-lr-scale", type=float, default=1.0,
+                        help="retrain at this multiple of the dense recipe's lr (a row field; "
+                        "the main tables read 1 only, the lr table compares the others)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
