@@ -312,6 +312,10 @@ def _paired_target_rows(last: dict, code: str, targets: list[float]) -> list[tup
     return out
 
 
+def _units_kept(row: dict) -> int:
+    return sum(len(kept) for kept in row["masks"].values())
+
+
 def _render_target_seeds(rows: list[dict]) -> list[str]:
     """Per target and code: landed fraction, retrained accuracy, selection seconds as a ratio to
     the same seed's default-tol sweep of the same code, sweeps; then each code - "before" paired
@@ -353,9 +357,9 @@ def _render_target_seeds(rows: list[dict]) -> list[str]:
                 "ran; x one sweep: each code's selection s over its own default-tol sweep of "
                 "that seed, niced runs on a shared machine):", "",
                 f"| target | pairs | removed diff (pp) | retrained diff mean [95% CI] | {code} "
-                f"wins / ties / losses | per seed ({code} - before) | x one sweep {code} / "
-                "before |",
-                "|---|---|---|---|---|---|---|"]
+                f"wins / ties / losses | per seed ({code} - before) | units kept per seed "
+                f"({code} / before) | x one sweep {code} / before |",
+                "|---|---|---|---|---|---|---|---|"]
         for target, seeds, a, b in pairs:
             diff = [x["accuracy"]["retrained"] - y["accuracy"]["retrained"] for x, y in zip(a, b)]
             m, sd = _mean_sd(diff)
@@ -363,6 +367,8 @@ def _render_target_seeds(rows: list[dict]) -> list[str]:
             dr = [100 * (x["removed_fraction"] - y["removed_fraction"]) for x, y in zip(a, b)]
             wins = sum(d > 0 for d in diff), sum(d == 0 for d in diff), sum(d < 0 for d in diff)
             per = ", ".join(f"{s}: {d:+.4f}" for s, d in zip(seeds, diff))
+            kept = ", ".join(f"{s}: {_units_kept(x)}/{_units_kept(y)}"
+                             for s, x, y in zip(seeds, a, b))
             ra = [x for x in (_x_one_sweep(last, r) for r in a) if x]
             rb = [x for x in (_x_one_sweep(last, r) for r in b) if x]
             speed = (f"{sum(ra) / len(ra):.2f} / {sum(rb) / len(rb):.2f}" if ra and rb else "-")
@@ -370,7 +376,7 @@ def _render_target_seeds(rows: list[dict]) -> list[str]:
                        + (f"| {m:+.4f} [{m - half:+.4f}, {m + half:+.4f}] " if len(diff) > 1
                           else f"| {m:+.4f} [-] ")
                        + f"| {wins[0]} / {wins[1]} / "
-                       f"{wins[2]} | {per} | {speed} |")
+                       f"{wins[2]} | {per} | {kept} | {speed} |")
         out.append("")
     return out
 
