@@ -619,10 +619,12 @@ def lr_table(rows: list[dict]) -> list[str]:
     return [*out, ""]
 
 
-def tables(rows: list[dict], selections: list[dict]) -> str:
-    lr_rows = lr_table(rows)
-    rows = [r for r in rows if _lr_scale(r) == 1.0]  # the main tables: the recipe's lr
-    cells = _index(rows)
+def tables(rows: list[dict], selections: list[dict], lr_scale: float = 1.0) -> str:
+    """The main tables read the cells retrained at `lr_scale` x the recipe's lr (default 1,
+    the recipe's own); with 1, the lr table then compares every other scale."""
+    lr_rows = lr_table(rows) if lr_scale == 1.0 else []
+    rows = [r for r in rows if _lr_scale(r) == lr_scale]
+    cells = _index(rows, lr_scale)
     out = []
     pat = [r for r in rows if r["arm"] == "after-training"]
     models = sorted({(r["dataset"], r["arch"]) for r in pat})
@@ -853,8 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at-init", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--deadline", type=float, help="stop starting new fractions after N s")
     parser.add_argument("--retrain-lr-scale", type=float, default=1.0,
-                        help="retrain at this multiple of the dense recipe's lr (a row field; "
-                        "the main tables read 1 only, the lr table compares the others)")
+                        help="retrain at this multiple of the dense recipe's lr (a row field); "
+                        "with --table, the scale the tables read (1: and a table comparing the "
+                        "other scales' cells with the recipe's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -868,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
                       for r in _read_jsonl(p.with_name(p.stem + "-selections.jsonl"))
                       if args.seeds is None or int(r["seed"]) in args.seeds]
         if args.table:
-            print(tables(rows, selections))
+            print(tables(rows, selections, args.retrain_lr_scale))
         if args.plots:
             for path in plots(rows, f"paper_protocol{suffix}"):
                 print(f"wrote {path}")
