@@ -35,6 +35,9 @@ pass (`mipp_at_counts: "own-pass"`).
                                                       # cores (47 min on the shared box, 2 processes)
     python bench/paper_protocol.py --full             # resumable; hours on CPU
     python bench/paper_protocol.py --table [--jsonl F ...]   # markdown tables from raw files
+    python bench/paper_protocol.py --quick ... --retrain-lr-scale 0.1   # retrain at 0.1x the
+                                                      # dense recipe's lr (its own cells)
+    python bench/paper_protocol.py --table --retrain-lr-scale 0.1     # the tables of those cells
     python bench/paper_protocol.py --plots [--jsonl F ...]   # docs/img/paper_protocol*.png
 
 Raw files (appended, never emptied; a cell already there is skipped on a rerun):
