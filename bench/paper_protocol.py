@@ -585,7 +585,7 @@ def _allocation_table(cells, dataset, arch, fractions, choices, refits, budgets,
     return out
 
 
-def _lr_scale(r: dict) -> float:
+def _lr_scale(r: dict) -> float:  # rows before --retrain-lr-scale have none: 1
     return float(r.get("retrain_lr_scale", 1.0))
 
 
