@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Select, bindparam
 from sqlalchemy.orm import Session
 
 from app import job_json
+from app.db import ReadQuery
 from app.errors import NotFound, Unauthorized
 from app.limits import check_rate
 from app.models import Dataset, Job, ModelFile, Sweep, User
@@ -169,8 +170,8 @@ async def read_as_caller(request: Request, settings: Settings,
 
 
 # The key's caller and the job in one round trip (the job's columns are NULL when no such id).
-_KEY_AND_JOB = CALLER_FOR_KEY.add_columns(*job_json.COLUMNS).outerjoin_from(
-    User, Job.__table__, Job.__table__.c.id == bindparam("job_id"))
+_KEY_AND_JOB = ReadQuery(CALLER_FOR_KEY.add_columns(*job_json.COLUMNS).outerjoin_from(
+    User, Job.__table__, Job.__table__.c.id == bindparam("job_id")))
 _CALLER_WIDTH = len(CALLER_FOR_KEY.selected_columns)
 
 
@@ -186,10 +187,10 @@ async def viewed_job(request: Request, settings: SettingsDep, credentials: Crede
         check_id(job_id, "job")
 
     def load(connection: Connection) -> bytes:
-        row = connection.execute(_KEY_AND_JOB, {"key_hash": hash_key(token), "job_id": job_id}
-                                 ).first()
+        found = _KEY_AND_JOB.rows(connection, {"key_hash": hash_key(token), "job_id": job_id})
+        row = found[0] if found else None
         user = admit(request, settings, caller_of(row))
-        job = tuple(row[_CALLER_WIDTH:])
+        job = row[_CALLER_WIDTH:]
         if job[job_json.ID] is None or (job[job_json.OWNER_ID] != user.id
                                         and not user.is_admin):
             raise NotFound(f"job {job_id!r} not found")  # as owned_row answers

@@ -4,7 +4,9 @@
 A job's answer (`JobOut`) is a pure function of the columns it shows, so the rendered bytes
 are cached with that row as the key: a row that differs in any column is another key, so a
 cached answer is never stale and nothing needs invalidating. The JSON columns are read as the
-database's own text and decoded only on a miss. At 50 clients listing 20 jobs, decoding the
+database's own text and decoded only on a miss, and timestamps (which app.db.ReadQuery takes as
+the driver gives them, in the connection's time zone) are turned to UTC there too: two rows of
+the same instant in different zones are equal keys and get the same (UTC) answer. At 50 clients listing 20 jobs, decoding the
 JSON columns and validating and encoding the 20 answers had been a third of the API's CPU
 (bench/bench_api_load.py; BENCHMARKS.md §7).
 """
@@ -12,6 +14,7 @@ JSON columns and validating and encoding the 20 answers had been a third of the 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from functools import lru_cache
 
 from pydantic import TypeAdapter
@@ -40,6 +43,9 @@ def job_json(row: tuple) -> bytes:
     for name in JSON_FIELDS:
         if values[name] is not None:
             values[name] = json.loads(values[name])
+    for name, value in values.items():
+        if isinstance(value, datetime):
+            values[name] = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
     return _JOB.dump_json(JobOut.model_validate(values))
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Select, bindparam, func, select, true
 from sqlalchemy.orm import Session
 
 from app.core.scratch import scratch_dir
+from app.db import ReadQuery
 from app.errors import InvalidRequest
 from app.settings import Settings
 
@@ -51,7 +52,7 @@ def page(session: Session, stmt: Select, order_by, limit: int, offset: int) -> t
 
 class PagedQuery:
     """Pages of `stmt` (a select of columns of one table, `key` its primary key, written with
-    bind parameters) as tuples of its columns, with the total it matches, newest first by
+    plain named bind parameters: it runs as an app.db.ReadQuery) as tuples of its columns, with the total it matches, newest first by
     `order` (columns of `stmt`'s table, the last one unique, so that pages neither repeat
     nor skip rows). Built once and reused: building a statement and its cache key cost more
     than running it.
@@ -71,30 +72,30 @@ class PagedQuery:
                 .join_from(key.table, chosen, key == chosen.c[key.name]))
         self.caller_width = 0
         if caller is None:
-            self.page = page.order_by(*newest_first)
+            page = page.order_by(*newest_first)
         else:
             caller_rows, page_rows = caller.subquery(), page.subquery()
             self.caller_width = len(caller.selected_columns)
-            self.page = (select(caller_rows, page_rows)
-                         .select_from(caller_rows.outerjoin(page_rows, true()))
-                         .order_by(*(page_rows.c[column.key].desc() for column in order)))
-        self.count = select(func.count()).select_from(stmt.subquery())
+            page = (select(caller_rows, page_rows)
+                    .select_from(caller_rows.outerjoin(page_rows, true()))
+                    .order_by(*(page_rows.c[column.key].desc() for column in order)))
+        self.page = ReadQuery(page)
+        self.count = ReadQuery(select(func.count()).select_from(stmt.subquery()))
         self.key_index = [column.key for column in stmt.selected_columns].index(key.key)
 
     def run(self, connection: Connection, params: dict, limit: int, offset: int
             ) -> tuple[tuple | None, list[tuple], int]:
         """(the caller's row or None, the page's rows, the total) in one query; a second one
         counts only when the page is empty (an offset past the end)."""
-        found = connection.execute(self.page, {**params, "limit": limit, "offset": offset}
-                                   ).all()
+        found = self.page.rows(connection, {**params, "limit": limit, "offset": offset})
         width = self.caller_width
         caller = tuple(found[0][:width]) if width and found else None
-        rows = [tuple(row)[width:-1] for row in found if row[width + self.key_index] is not None]
+        rows = [row[width:-1] for row in found if row[width + self.key_index] is not None]
         if width and not found:
             return None, [], 0
         if rows:
             return caller, rows, int(found[0][-1])
-        return caller, [], int(connection.execute(self.count, params).scalar() or 0)
+        return caller, [], int(self.count.rows(connection, params)[0][0] or 0)
 
 
 @contextmanager

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 from pydantic import TypeAdapter
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, event, select, text, update
 
-from app.db import session_scope
+from app import job_json
+from app.db import ReadQuery, session_scope
 from app.models import Job, JobStatus, User, utcnow
 from app.schemas import JobOut, Page
 
@@ -140,3 +141,68 @@ def test_the_list_follows_its_callers_rank_and_key_at_once(service):
             {"yes": True, "name": f"lister-{service.name}-%"})
     answer = service.client.get("/api/v1/jobs", headers=owner)
     assert answer.status_code == 401 and "revoked" in answer.json()["detail"]
+
+
+def test_timestamps_are_utc_whatever_the_connections_time_zone(team_service):
+    """The reads take timestamps as the driver gives them, in the connection's time zone; the
+    answers must still show them in UTC, as FastAPI would."""
+    service = team_service
+    headers = service.add_user("zoned")
+    ids = _add_jobs(service, "zoned", 2, started_at=utcnow(), finished_at=utcnow())
+    reads = service.app.state.reads.engine
+
+    @event.listens_for(reads, "connect")
+    def _kolkata(dbapi_connection, _record):
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'Asia/Kolkata'")
+
+    try:
+        reads.dispose()  # new connections, in +05:30
+        job_json.job_json.cache_clear()  # no answer rendered from a UTC row
+        with reads.connect() as connection:
+            assert connection.exec_driver_sql("SHOW TIME ZONE").scalar() == "Asia/Kolkata"
+        expected = _as_fastapi_would(service, ids)
+        answer = service.client.get(f"/api/v1/jobs/{ids[0]}", headers=headers)
+        assert answer.content == TypeAdapter(JobOut).dump_json(expected[0])
+        assert answer.json()["started_at"].endswith("Z")
+        page = service.client.get("/api/v1/jobs", headers=headers)
+        assert page.content == TypeAdapter(Page[JobOut]).dump_json(
+            Page[JobOut](items=expected[::-1], total=2, limit=50, offset=0))
+    finally:
+        event.remove(reads, "connect", _kolkata)
+        reads.dispose()
+
+
+def test_the_status_filter_takes_one_or_several_statuses(service):
+    headers = service.add_user("filterer")
+    running = _add_jobs(service, "filterer", 2, status=JobStatus.RUNNING)
+    failed = _add_jobs(service, "filterer", 1, status=JobStatus.FAILED, error="a reason")
+    _add_jobs(service, "filterer", 3)  # succeeded
+
+    def listed(query: str) -> set[str]:
+        page = service.client.get(f"/api/v1/jobs?{query}", headers=headers)
+        assert page.status_code == 200, page.text
+        assert page.json()["total"] == len(page.json()["items"])
+        return {item["id"] for item in page.json()["items"]}
+
+    assert listed("status=running") == set(running)
+    assert listed("status=running&status=failed") == set(running + failed)
+    assert listed("status=failed&status=running&status=failed") == set(running + failed)
+    assert len(listed("status=succeeded&status=running")) == 5
+    assert listed("status=cancelled&status=queued") == set()
+
+
+def test_a_read_query_refuses_parameters_only_sqlalchemy_could_send(team_service):
+    """A ReadQuery goes to the driver as compiled once; an expanding IN list (which SQLAlchemy
+    rewrites per call) or a literal (whose value only SQLAlchemy would fill in) must be
+    refused, not sent wrong."""
+    expanding = ReadQuery(select(Job.id).where(Job.status.in_(
+        bindparam("statuses", expanding=True))))
+    literal = ReadQuery(select(Job.id).where(Job.status == bindparam("status")).limit(1))
+    plain = ReadQuery(select(Job.id).where(Job.status == bindparam("status")))
+    with team_service.app.state.reads.engine.connect() as connection:
+        with pytest.raises(ValueError, match="statuses"):
+            expanding.rows(connection, {"statuses": [JobStatus.RUNNING]})
+        with pytest.raises(ValueError, match="param_1"):
+            literal.rows(connection, {"status": JobStatus.RUNNING})
+        assert plain.rows(connection, {"status": "none such"}) == []
