@@ -100,10 +100,10 @@ class Reads:
 class ReadQuery:
     """A read statement of the hot reads (`Reads.run`), its rows as plain tuples.
 
-    On PostgreSQL the statement is compiled once and sent on the driver's own cursor: at 50
-    clients listing jobs, SQLAlchemy's execution context and result (the same for
-    `exec_driver_sql`) took 0.24 ms of a 0.60 ms page read, the cursor alone 0.36 ms
-    (BENCHMARKS.md §7). So the statement must need nothing of SQLAlchemy at run time: named
+    On PostgreSQL the statement is compiled once and sent on the driver's own cursor:
+    SQLAlchemy's execution context and result made a page of the job list (read and
+    rendered) cost 0.47 ms against 0.37 ms this way (bench/bench_read_path.py; end to end at
+    50 clients, +31% list and +39% GET throughput, BENCHMARKS.md §7). So the statement must need nothing of SQLAlchemy at run time: named
     parameters without values of their own (no literals, expanding IN lists or literal-execute
     limits) and no type processing of its parameters; that is checked when it is first compiled. Its result columns are taken
     as the driver returns them, so a timestamp comes in the connection's time zone (app.job_json

@@ -101,17 +101,15 @@ def _stop(proc: subprocess.Popen) -> None:
 # The two servers
 
 
-def start_mipp(db: str, workers: int, tmp: Path, read_threads: int | None = None
-               ) -> tuple[subprocess.Popen, str, str, str]:
-    from app.db import migrate, session_scope
+def seed_jobs(url: str) -> tuple[str, str]:
+    """Migrate the database at `url` and give it 200 succeeded jobs of one user (full
+    PruneConfig and metrics, as a finished job has): (the user's API key, the last job's id)."""
+    from app.db import make_engine, make_sessionmaker, migrate, session_scope
     from app.models import Job, JobStatus, User, utcnow
     from app.security import new_api_key
     from mipp.config import PruneConfig
 
-    url = f"postgresql+psycopg://{PG}/{db}"
     migrate(url)
-    from app.db import make_engine, make_sessionmaker
-
     engine = make_engine(url)
     config = PruneConfig().model_dump(mode="json")
     with session_scope(make_sessionmaker(engine)) as session:
@@ -128,6 +126,13 @@ def start_mipp(db: str, workers: int, tmp: Path, read_threads: int | None = None
         session.flush()
         job_id = jobs[-1].id
     engine.dispose()
+    return key, job_id
+
+
+def start_mipp(db: str, workers: int, tmp: Path, read_threads: int | None = None
+               ) -> tuple[subprocess.Popen, str, str, str]:
+    url = f"postgresql+psycopg://{PG}/{db}"
+    key, job_id = seed_jobs(url)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "MIPP_DATABASE_URL": url,
            "MIPP_DATA_DIR": str(tmp / "mipp"), "MIPP_SWEEPER_INTERVAL_S": "0",
