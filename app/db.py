@@ -103,10 +103,11 @@ class ReadQuery:
     On PostgreSQL the statement is compiled once and sent on the driver's own cursor:
     SQLAlchemy's execution context and result made a page of the job list (read and
     rendered) cost 0.47 ms against 0.37 ms this way (bench/bench_read_path.py; end to end at
-    50 clients, +31% list and +39% GET throughput, BENCHMARKS.md §7). So the statement must need nothing of SQLAlchemy at run time: named
-    parameters without values of their own (no literals, expanding IN lists or literal-execute
-    limits) and no type processing of its parameters; that is checked when it is first compiled. Its result columns are taken
-    as the driver returns them, so a timestamp comes in the connection's time zone (app.job_json
+    50 clients, +31% list and +39% GET throughput, BENCHMARKS.md §7). So the statement must
+    need nothing of SQLAlchemy at run time: named parameters without values of their own (no
+    literals, expanding IN lists or literal-execute limits) and no type processing of its
+    parameters; that is checked when it is first compiled. Its result columns are taken as the
+    driver returns them, so a timestamp comes in the connection's time zone (app.job_json
     turns it to UTC). A driver error is raised as SQLAlchemy's would be (a DBAPIError, the
     connection invalidated on a disconnect), so `Reads`' retry and the 503s work alike. Other
     databases (SQLite) run the statement through SQLAlchemy."""

@@ -4,11 +4,11 @@
 A job's answer (`JobOut`) is a pure function of the columns it shows, so the rendered bytes
 are cached with that row as the key: a row that differs in any column is another key, so a
 cached answer is never stale and nothing needs invalidating. The JSON columns are read as the
-database's own text and decoded only on a miss, and timestamps (which app.db.ReadQuery takes as
-the driver gives them, in the connection's time zone) are turned to UTC there too: two rows of
-the same instant in different zones are equal keys and get the same (UTC) answer. At 50 clients listing 20 jobs, decoding the
-JSON columns and validating and encoding the 20 answers had been a third of the API's CPU
-(bench/bench_api_load.py; BENCHMARKS.md §7).
+database's own text and decoded only on a miss, and timestamps (which app.db.ReadQuery takes
+as the driver gives them, in the connection's time zone) are turned to UTC there too: two rows
+of the same instant in different zones are equal keys and get the same (UTC) answer. At 50
+clients listing 20 jobs, decoding the JSON columns and validating and encoding the 20 answers
+had been a third of the API's CPU (bench/bench_api_load.py; BENCHMARKS.md §7).
 """
 
 from __future__ import annotations

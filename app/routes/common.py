@@ -52,10 +52,10 @@ def page(session: Session, stmt: Select, order_by, limit: int, offset: int) -> t
 
 class PagedQuery:
     """Pages of `stmt` (a select of columns of one table, `key` its primary key, written with
-    plain named bind parameters: it runs as an app.db.ReadQuery) as tuples of its columns, with the total it matches, newest first by
-    `order` (columns of `stmt`'s table, the last one unique, so that pages neither repeat
-    nor skip rows). Built once and reused: building a statement and its cache key cost more
-    than running it.
+    plain named bind parameters: it runs as an app.db.ReadQuery) as tuples of its columns,
+    with the total it matches, newest first by `order` (columns of `stmt`'s table, the last one
+    unique, so that pages neither repeat nor skip rows). Built once and reused: building a
+    statement and its cache key cost more than running it.
 
     With `caller` (a select that returns at most one row, e.g. the key check), that row comes
     in front of each page row in the same query, and once alone when the page is empty, so
