@@ -847,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the tables from --jsonl")
     parser.add_argument("--plots", action="store_true", help="write docs/img/paper_protocol*.png")
     parser.add_argument("--jsonl", type=Path, nargs="*", help="raw cell files (default by preset)")
-    parser.add_argument("--models", nargs="+", help="dataset/arch, e.g. mnist/lenet5")
+    parser.add_argument("--models", nargs="+", help="dataset/arch, e.g. mnist/lenet5 (to run, "
+                        "or to tabulate)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (or to tabulate)")
     parser.add_argument("--fractions", type=float, nargs="+")
     parser.add_argument("--choices", nargs="+", choices=CHOICES)
@@ -868,11 +869,14 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "-quick" if preset == "quick" else ""
     jsonls = args.jsonl or [RESULTS / f"paper_protocol{suffix}.jsonl"]
     if args.table or args.plots:
-        rows = [r for p in jsonls for r in _read_jsonl(p)
-                if args.seeds is None or int(r["seed"]) in args.seeds]
+        def wanted(r: dict) -> bool:
+            return ((args.seeds is None or int(r["seed"]) in args.seeds)
+                    and (not args.models or f"{r['dataset']}/{r['arch']}" in args.models))
+
+        rows = [r for p in jsonls for r in _read_jsonl(p) if wanted(r)]
         selections = [r for p in jsonls
                       for r in _read_jsonl(p.with_name(p.stem + "-selections.jsonl"))
-                      if args.seeds is None or int(r["seed"]) in args.seeds]
+                      if wanted(r)]
         if args.table:
             print(tables(rows, selections, args.retrain_lr_scale))
         if args.plots:
