@@ -762,14 +762,18 @@ def budget_label(budget: str) -> str:
 # Plots
 
 
-def plots(rows: list[dict], prefix: str) -> list[Path]:
+def plots(rows: list[dict], prefix: str, lr_scale: float = 1.0) -> list[Path]:
+    """One accuracy plot per model and the cost chart, of the cells retrained at `lr_scale` x
+    the recipe's lr (files named `_lr<scale>` when it is not 1)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     IMG.mkdir(parents=True, exist_ok=True)
     written = []
-    rows = [r for r in rows if _lr_scale(r) == 1.0]  # the recipe's lr, as in the main tables
+    rows = [r for r in rows if _lr_scale(r) == lr_scale]  # as the main tables read them
+    suffix, lr_note = ("", "") if lr_scale == 1.0 else (f"_lr{lr_scale:g}",
+                                                       f", lr {lr_scale:g}x the recipe's")
     pat = [r for r in rows if r["arm"] == "after-training" and r["allocation"] == "mipp"
            and r["refit"]]
     for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in pat}):
@@ -802,10 +806,11 @@ def plots(rows: list[dict], prefix: str) -> list[Path]:
         ax.set_ylabel("test accuracy after retraining (%)")
         seeds = len({r["seed"] for r in mine})
         ax.set_title(f"{dataset} {arch}: MIPP's counts, refit on, retrain "
-                     f"{budget_label(budget)} ({seeds} seeds, 95% CI)", fontsize=9)
+                     f"{budget_label(budget)}{lr_note}\n(up to {seeds} seeds, 95% CI)",
+                     fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        path = IMG / f"{prefix}_{dataset}_{arch}.png"
+        path = IMG / f"{prefix}_{dataset}_{arch}{suffix}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -829,7 +834,7 @@ def plots(rows: list[dict], prefix: str) -> list[Path]:
         ax.set_ylabel("seconds per selection (log)")
         ax.set_title("selection cost, same machine, same run", fontsize=9)
         fig.tight_layout()
-        path = IMG / f"{prefix}_cost.png"
+        path = IMG / f"{prefix}_cost{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -860,8 +865,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, help="stop starting new fractions after N s")
     parser.add_argument("--retrain-lr-scale", type=float, default=1.0,
                         help="retrain at this multiple of the dense recipe's lr (a row field); "
-                        "with --table, the scale the tables read (1: and a table comparing the "
-                        "other scales' cells with the recipe's)")
+                        "with --table or --plots, the scale they read (--table at 1: also a table "
+                        "comparing the other scales' cells with the recipe's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -880,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.table:
             print(tables(rows, selections, args.retrain_lr_scale))
         if args.plots:
-            for path in plots(rows, f"paper_protocol{suffix}"):
+            for path in plots(rows, f"paper_protocol{suffix}", args.retrain_lr_scale):
                 print(f"wrote {path}")
         return 0
     if not (args.quick or args.full):
