@@ -735,9 +735,10 @@ def tables(rows: list[dict], selections: list[dict], lr_scale: float = 1.0) -> s
     for (dataset, arch, name), per in sorted(seconds.items()):
         values = list(per.values())
         out.append(f"| {dataset} / {arch} | {name} | {len(values)} | {_mean_sd(values)} |")
-    tols = defaultdict(list)
-    for s in selections:
-        tols[(s["dataset"], s["arch"], s["fraction_target"])].append(s)
+    tols: dict[tuple, dict] = defaultdict(dict)
+    for s in selections:  # one per seed: the last recorded, the one a run reuses
+        tols[(s["dataset"], s["arch"], s["fraction_target"])][(s["seed"], s["mode"])] = s
+    tols = {key: list(per_seed.values()) for key, per_seed in tols.items()}
     if tols:
         out.append("")
         out.append("#### MIPP's target search: the tol that reaches each fraction\n")
