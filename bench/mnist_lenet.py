@@ -4,6 +4,7 @@
     python bench/mnist_lenet.py targets --code after         # targets 0.5/0.8/0.9/0.95 (+ ThiNet)
     PYTHONPATH=/tmp/mipp-before python bench/mnist_lenet.py targets --code before
     python bench/mnist_lenet.py target-seeds --seeds 0 1 2 3 4 --targets 0.9 0.95  # before/after
+    python bench/mnist_lenet.py tol-map --seeds 0 1 2 3 4 --tols 0.05 0.1 0.2 0.4  # removed per tol
     python bench/mnist_lenet.py redundancy --seeds 0 1 2 3 4 # synthetic redundancy at small tols
     python bench/mnist_lenet.py options --seeds 0 1 2        # issue 9 item 5 options at target 0.8
     python bench/mnist_lenet.py ablation --seeds 0 1         # the selection defaults, one at a time
@@ -245,6 +246,26 @@ def run_ablation(args) -> None:
             _append(args.results / "mnist_lenet-ablation.jsonl",
                     _row("ablation", label, {**settings, "reconstructor": option}, result,
                          args.code, seed=seed, loadavg_before=load, fits=fits))
+
+
+def run_tol_map(args) -> None:
+    """One sweep per (seed, tol) with no retraining: the fraction of units each tol removes and
+    its selection seconds (bench/results/mnist_lenet-tolmap.jsonl; rows there are skipped)."""
+    import mipp
+    from mipp.config import PruneConfig, TrainConfig
+    path = args.results / "mnist_lenet-tolmap.jsonl"
+    done = {(r["code"], r["seed"], r["settings"]["tol"]) for r in _read(path)}
+    for seed in args.seeds:
+        todo = [t for t in args.tols if (args.code, seed, t) not in done]
+        if not todo:
+            continue
+        data, model, dev = _setup(seed, args.device)
+        base = {**_base(seed, dev), "retrain": TrainConfig(epochs=0)}
+        for tol in todo:
+            load = os.getloadavg()[0]
+            result = mipp.prune(model, data, PruneConfig(**base, tol=tol))
+            _append(path, _row("tolmap", f"tol {tol}", {"tol": tol}, result, args.code,
+                               seed=seed, loadavg_before=load))
 
 
 def run_redundancy(args) -> None:
@@ -508,7 +529,7 @@ def render(results: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["paths", "targets", "target-seeds", "redundancy",
+    parser.add_argument("what", choices=["paths", "targets", "target-seeds", "tol-map", "redundancy",
                                            "options", "ablation", "table"])
     parser.add_argument("--tols", type=float, nargs="+", default=[0.0, 0.001, 0.002, 0.005, 0.01])
     parser.add_argument("--device", default="cpu")
@@ -524,6 +545,8 @@ def main() -> None:
         run_targets(args)
     elif args.what == "target-seeds":
         run_target_seeds(args)
+    elif args.what == "tol-map":
+        run_tol_map(args)
     elif args.what == "redundancy":
         run_redundancy(args)
     elif args.what == "options":
