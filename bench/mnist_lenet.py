@@ -425,6 +425,29 @@ def render(results: Path) -> str:
                        + f" | {ks} | {kf} | {ts:.1f} | {tf:.1f} | {ts / tf:.1f}x "
                        f"| {min(loads):.1f}-{max(loads):.1f} |")
         out.append("")
+    tolmap = _read(results / "mnist_lenet-tolmap.jsonl")
+    if tolmap:
+        tols = sorted({r["settings"]["tol"] for r in tolmap})
+        cells = {(r["code"], r["seed"], r["settings"]["tol"]): r for r in tolmap}
+        out += ["One sweep per tol, no retraining (`tol-map`): units removed and selection s "
+                "(x the seed's tol-0.05 sweep where it ran).", "",
+                "| code (commit) | seed | " + " | ".join(f"tol {t:g}" for t in tols) + " |",
+                "|---|---|" + "---|" * len(tols)]
+        for code, seed in dict.fromkeys((r["code"], r["seed"]) for r in tolmap):
+            base = cells.get((code, seed, 0.05))
+            row = []
+            for t in tols:
+                r = cells.get((code, seed, t))
+                if r is None:
+                    row.append("-")
+                    continue
+                ratio = (f", {r['seconds']['selection'] / base['seconds']['selection']:.2f}x"
+                         if base else "")
+                row.append(f"{r['removed_fraction']:.1%} ({r['seconds']['selection']:.1f} s"
+                           f"{ratio})")
+            commit = cells[(code, seed, next(t for t in tols if (code, seed, t) in cells))]
+            out.append(f"| {code} ({commit['commit']}) | {seed} | " + " | ".join(row) + " |")
+        out.append("")
     targets = _read(results / "mnist_lenet-targets.jsonl")
     if targets:
         out += ["| code (commit) | run | removed | sweeps | selection s | x one sweep "
