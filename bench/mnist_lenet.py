@@ -7,6 +7,7 @@
     python bench/mnist_lenet.py tol-map --seeds 0 1 2 3 4 --tols 0.05 0.1 0.2 0.4  # removed per tol
     python bench/mnist_lenet.py redundancy --seeds 0 1 2 3 4 # synthetic redundancy at small tols
     python bench/mnist_lenet.py options --seeds 0 1 2        # issue 9 item 5 options at target 0.8
+    python bench/mnist_lenet.py options --seeds 0 1 2 3 4 --targets 0.8 0.9 --options default conv_grid=2
     python bench/mnist_lenet.py ablation --seeds 0 1         # the selection defaults, one at a time
     python bench/mnist_lenet.py table                        # BENCHMARKS.md section 1 tables
 
@@ -184,7 +185,7 @@ def run_target_seeds(args) -> None:
 
 
 OPTIONS = {"default": {}, "logits_loss=ce": {"logits_loss": "ce"},
-           "linear_below=16": {"linear_below": 16}}
+           "linear_below=16": {"linear_below": 16}, "conv_grid=2": {"conv_grid": 2}}
 
 
 def run_options(args) -> None:
@@ -193,11 +194,12 @@ def run_options(args) -> None:
     in the same run gives the time ratio."""
     import mipp
     from mipp.config import PruneConfig, ReconstructorConfig
-    target = args.targets[0] if args.targets != list(TARGETS) and args.targets else 0.8
-    for seed in args.seeds:
+    targets = args.targets if args.targets != list(TARGETS) and args.targets else [0.8]
+    options = {k: v for k, v in OPTIONS.items() if not args.options or k in args.options}
+    for seed, target in ((s, t) for s in args.seeds for t in targets):
         data, model, dev = _setup(seed, args.device)
         base = _base(seed, dev)
-        for label, option in OPTIONS.items():
+        for label, option in options.items():
             rc = ReconstructorConfig(**{**base["reconstructor"].model_dump(), **option})
             load = os.getloadavg()[0]
             result = mipp.prune(model, data, PruneConfig(**{**base, "reconstructor": rc},
@@ -560,6 +562,8 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="*", default=list(TARGETS),
                         help="none: the default-tol sweep and its ThiNet only")
     parser.add_argument("--code", default="after", help="label of the code under test")
+    parser.add_argument("--options", nargs="+", choices=sorted(OPTIONS),
+                        help="options: run only these (default: all)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.what == "paths":

@@ -20,6 +20,31 @@ from torch import nn
 from mipp.groups import UnitGroup
 
 
+def _grid_pool(inputs: torch.Tensor, size: int, index: torch.Tensor | None, grid: int
+               ) -> torch.Tensor:
+    """(n, C, H, W) conv input or (n, F) flat input -> (n, size, cells): each channel's mean
+    over a grid x grid of spatial cells (cells = grid ** 2), or (n, size, 1) where the input
+    has no square spatial layout of at least grid x grid (a Linear's units)."""
+    n = inputs.shape[0]
+    if inputs.dim() == 2:
+        if index is not None and (len(index) != inputs.shape[1] or index[-1] != len(index) - 1):
+            inputs = inputs[:, index.to(inputs.device)]
+        k = inputs.shape[1] // size
+        side = int(round(k ** 0.5))
+        if side * side != k or side < grid:
+            return inputs.reshape(n, size, k).mean(-1, keepdim=True)
+        grids = inputs.reshape(n * size, 1, side, side)
+        return torch.nn.functional.adaptive_avg_pool2d(grids, grid).reshape(n, size, -1)
+    if inputs.dim() != 4 or min(inputs.shape[2:]) < grid:
+        return _pool(inputs, size, index).unsqueeze(-1)
+    cells = torch.nn.functional.adaptive_avg_pool2d(inputs, grid).flatten(2)  # (n, C, cells)
+    if index is not None and (len(index) != cells.shape[1] or index[-1] != len(index) - 1):
+        cells = cells[:, index.to(cells.device)]
+    if cells.shape[1] != size:
+        cells = cells.reshape(n, size, -1, cells.shape[2]).mean(2)
+    return cells
+
+
 def _pool(inputs: torch.Tensor, size: int, index: torch.Tensor | None = None) -> torch.Tensor:
     """(n, C, ...) conv input or (n, F) flat input -> (n, size): the group's channels (or its
     features, `size * k` of them after a Flatten) at `index` (all of them when None)."""
@@ -35,10 +60,13 @@ def _pool(inputs: torch.Tensor, size: int, index: torch.Tensor | None = None) ->
 @torch.no_grad()
 def capture_unit_activations(
     model: nn.Module, groups: Sequence[UnitGroup], x: torch.Tensor, *, batch_size: int = 256,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", grid: int = 1,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Run `x` through `model` in eval mode; returns ({group name: (n, size)}, logits (n, C)).
 
+    grid > 1: each conv channel is summarised by its means over a grid x grid of spatial cells
+    instead of one spatial mean, and every group's activations are (n, size, cells) (cells = 1
+    for a Linear's units, or where a consumer sees fewer than grid x grid positions).
     Results are float32 on the CPU. The model is left in the train/eval mode it had.
     """
     modules = dict(model.named_modules())
@@ -51,8 +79,10 @@ def capture_unit_activations(
             index = torch.tensor(sorted(inputs[consumer])) if consumer in inputs else None
 
             def hook(module, args, group=group, index=index):
+                inputs = args[0].float()
                 per_batch.setdefault(group.name, []).append(
-                    _pool(args[0].float(), group.size, index))
+                    _pool(inputs, group.size, index) if grid == 1
+                    else _grid_pool(inputs, group.size, index, grid))
             hooks.append(modules[consumer].register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
@@ -62,6 +92,8 @@ def capture_unit_activations(
             per_batch.clear()
             logits.append(model(x[start:start + batch_size].to(device)).float().cpu())
             for name, parts in per_batch.items():
+                if len({p.shape for p in parts}) > 1:  # consumers see different grids
+                    parts = [p.mean(-1, keepdim=True) for p in parts]
                 collected[name].append(torch.stack(parts).mean(0).cpu())
     finally:
         for h in hooks:

@@ -90,6 +90,10 @@ class ReconstructorConfig(BaseModel):
         "standardised logits, or cross-entropy on the network's class probabilities.")
     compensate: bool = Field(
         True, description="Start each masked fine-tune from a least-squares compensation.")
+    conv_grid: int = Field(
+        1, ge=1, le=8, description="Summarise each conv channel by its means over a "
+        "conv_grid x conv_grid grid of spatial cells (1: one spatial mean), for its own layer's "
+        "tests and as the target of the layer below.")
     screen_keep: float = Field(
         3.0, ge=0, le=1e6, description="Keep a unit without fine-tune when its compensated "
         "loss increase exceeds this multiple of the threshold (0: always fine-tune).")

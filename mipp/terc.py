@@ -111,15 +111,20 @@ class _Test:
 
 
 def _unit_order(split: Split, units: list[int], config: PruneConfig,
-                generator: torch.Generator) -> list[int]:
-    """MI ordering: fit one predictor per unit from X[:, i] alone; least informative first."""
+                generator: torch.Generator, features: int = 1) -> list[int]:
+    """MI ordering: fit one predictor per unit from its own column(s) alone; least informative
+    first."""
     if len(units) <= 1:
         return list(units)
     rc = config.reconstructor
     index = torch.tensor(units, device=split.x_train.device)
-    per_unit = Split(split.x_train[:, index].T.unsqueeze(-1), split.y_train,
-                     split.x_val[:, index].T.unsqueeze(-1), split.y_val, split.loss)
-    mlps = BatchedMLP.create(len(units), 1, min(32, hidden_width(split.y_train.shape[1], rc.hidden_cap)),
+
+    def per_unit_x(x: torch.Tensor) -> torch.Tensor:  # (n, d * f) -> (units, n, f)
+        return x.reshape(x.shape[0], -1, features)[:, index].permute(1, 0, 2)
+    per_unit = Split(per_unit_x(split.x_train), split.y_train,
+                     per_unit_x(split.x_val), split.y_val, split.loss)
+    mlps = BatchedMLP.create(len(units), features,
+                             min(32, hidden_width(split.y_train.shape[1], rc.hidden_cap)),
                              split.y_train.shape[1], generator=generator, device=split.x_train.device)
     losses = fit(mlps, per_unit, epochs=rc.ordering_epochs, patience=rc.patience, lr=rc.lr,
                  batch_size=rc.batch_size, generator=generator, x_per_model=True,
@@ -130,7 +135,8 @@ def _unit_order(split: Split, units: list[int], config: PruneConfig,
 
 def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: int = 0,
                 progress: Callable[[float, str], None] | None = None,
-                memo: dict | None = None, y_is_logits: bool = False) -> LayerDecision:
+                memo: dict | None = None, y_is_logits: bool = False,
+                features: int = 1) -> LayerDecision:
     """Decide which columns (units) of x to prune so that y stays reconstructable.
 
     x: (n, d_in) activations of the layer's units; y: (n, d_out) the next layer's kept
@@ -139,7 +145,10 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     seed and config except `tol`: the reference fit, the ordering and every masked fine-tune
     are then reused (a walk at another tol pays only for the tests that differ; a target
     search's verification, `measure_removal`, tests its replayed set against that reference). y_is_logits: y is the network's logits (reconstructed with cross-entropy when
-    `reconstructor.logits_loss` is "ce"). Raises ValueError if x and y have different row counts.
+    `reconstructor.logits_loss` is "ce"). features: columns of x per unit (a conv channel on a
+    spatial grid, `reconstructor.conv_grid`): unit u is columns u*features .. (u+1)*features - 1,
+    masked, compensated and ordered together. Raises ValueError if x and y have different row
+    counts.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
@@ -149,7 +158,7 @@ def terc_select(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, *, seed: 
     clock = PhaseClock()
     if "layer" not in memo:
         progress(0.0, "reference fit")
-        memo["layer"] = _prepare_layer(x, y, config, seed, clock, y_is_logits)
+        memo["layer"] = _prepare_layer(x, y, config, seed, clock, y_is_logits, features)
         memo["results"] = {}
     layer: _Layer = memo["layer"]
     results_memo: dict[tuple[int, ...], tuple[torch.Tensor, bool]] = memo["results"]
@@ -233,17 +242,19 @@ class _SetTester:
         self.screened = 0
 
     def masks_for(self, sets: list[list[int]]) -> torch.Tensor:
+        """The (len(sets) x R, columns) 0/1 masks of the removal sets (sets of units)."""
         r = self.config.repeats
-        mask = torch.ones(len(sets) * r, self.layer.d, device=self.device)
+        mask = torch.ones(len(sets) * r, self.layer.d * self.layer.features, device=self.device)
         for b, removed in enumerate(sets):
-            mask[b * r:(b + 1) * r, removed] = 0
+            mask[b * r:(b + 1) * r, self.layer.columns(removed)] = 0
         return mask
 
     def starts(self, sets: list[list[int]]) -> BatchedMLP:
         """Each set's R starting models: the reference, compensated for the set (or as is)."""
         models = self.layer.reference.tiled(len(sets))
-        return self.layer.compensator.apply(models, sets) if self.config.reconstructor.compensate \
-            else models
+        if not self.config.reconstructor.compensate:
+            return models
+        return self.layer.compensator.apply(models, [self.layer.columns(s) for s in sets])
 
     def screen(self, start: BatchedMLP, mask: torch.Tensor, heuristic: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,17 +394,29 @@ class _Layer:
     floor: int
     orders: list[torch.Tensor]
     compensator: Compensator
+    features: int = 1  # columns of x per unit
+
+    def columns(self, units: list[int]) -> list[int]:
+        """The columns of x that hold `units`."""
+        f = self.features
+        return list(units) if f == 1 else [u * f + k for u in units for k in range(f)]
 
 
 def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: int,
-                   clock: PhaseClock | None = None, y_is_logits: bool = False) -> _Layer:
+                   clock: PhaseClock | None = None, y_is_logits: bool = False,
+                   features: int = 1) -> _Layer:
     """Standardise, split, fit the reference and the control, order the units (steps 3-6);
-    `clock` collects the seconds of the reference fit, the control and the ordering."""
+    `clock` collects the seconds of the reference fit, the control and the ordering.
+    features: columns of x per unit (`terc_select`)."""
     clock = clock or PhaseClock()
     rc = config.reconstructor
     generator = torch.Generator().manual_seed(seed)
-    d = x.shape[1]
+    if x.shape[1] % features:
+        raise ValueError(f"x has {x.shape[1]} columns, not a multiple of {features} per unit")
+    d = x.shape[1] // features
     xs, constant_mask = standardise(x.float(), config.std_floor)
+    if features > 1:  # a unit is constant when all its cells are
+        constant_mask = constant_mask.view(d, features).all(1)
     loss = "ce" if y_is_logits and rc.logits_loss == "ce" else "mse"
     if loss == "ce":  # the network's class probabilities, fitted by cross-entropy
         ys = torch.softmax(y.float(), dim=1)
@@ -408,7 +431,8 @@ def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: 
 
     split = split_rows(xs, ys, config.val_fraction, generator, loss)
     loss_empty = empty_loss(split)
-    reference = BatchedMLP.create(config.repeats, d, hidden_width(ys.shape[1], rc.hidden_cap),
+    reference = BatchedMLP.create(config.repeats, d * features,
+                                  hidden_width(ys.shape[1], rc.hidden_cap),
                                   ys.shape[1], generator=generator, device=xs.device,
                                   linear=d <= rc.linear_below)
     with clock("reference_fit"):
@@ -430,12 +454,12 @@ def _prepare_layer(x: torch.Tensor, y: torch.Tensor, config: PruneConfig, seed: 
             loss_ref_r = evaluate_split(control, split)
     loss_ref = float(loss_ref_r.mean())
     with clock("ordering"):
-        order = _unit_order(split, live, config, generator)
+        order = _unit_order(split, live, config, generator, features)
     return _Layer(d=d, split=split, reference=reference, loss_ref_r=loss_ref_r,
                   loss_start_r=loss_start_r,
                   loss_empty=loss_empty, loss_ref=loss_ref, mi=loss_empty - loss_ref,
                   order=order, pruned=pruned, constant=constant, floor=floor, orders=orders,
-                  compensator=Compensator(split.x_train))
+                  compensator=Compensator(split.x_train), features=features)
 
 
 def _mode(config: PruneConfig, recent: list[bool]) -> str:

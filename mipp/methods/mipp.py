@@ -53,10 +53,12 @@ def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
             if next_name is None or next_name == group.name:
                 continue
             kept = decided[next_name].kept if next_name in decided else slice(None)
-            targets.append(acts[next_name][:, kept])
+            targets.append(acts[next_name][:, kept].flatten(1))  # (n, kept x cells)
         # The last hidden layer (or a group whose consumers are all unprunable) targets the logits.
         y = torch.cat(targets, dim=1) if targets else logits
-        x = acts[group.name].to(ctx.device)
+        x = acts[group.name]
+        features = x.shape[2] if x.dim() == 3 else 1  # a conv channel's grid cells
+        x = x.flatten(1).to(ctx.device)
 
         def layer_progress(fraction: float, message: str, group=group, done=done,
                            removed=removed) -> None:
@@ -70,7 +72,8 @@ def _mipp_pass(ctx: SelectionContext, acts: dict[str, torch.Tensor], logits: tor
             if memo_of is not None:
                 memo_of[group.name] = memo
         decision = terc_select(x, y.to(ctx.device), config, seed=config.seed + index,
-                               progress=layer_progress, memo=memo, y_is_logits=not targets)
+                               progress=layer_progress, memo=memo, y_is_logits=not targets,
+                               features=features)
         if counts is not None:
             decision = _at_count(decision, counts[group.name])
         decided[group.name] = decision
@@ -85,7 +88,8 @@ def choose_mipp(ctx: SelectionContext, counts: Mapping[str, int] | None) -> Sele
         return select_mipp(ctx)
     ctx.progress(Phase.CAPTURING, 0.0, "recording activations")
     started = time.perf_counter()
-    acts, logits = capture_unit_activations(ctx.model, ctx.groups, ctx.x, device=ctx.device)
+    acts, logits = capture_unit_activations(ctx.model, ctx.groups, ctx.x, device=ctx.device,
+                                            grid=ctx.config.reconstructor.conv_grid)
     capture = time.perf_counter() - started
     decisions = _mipp_pass(ctx, acts, logits, ctx.config,
                            lambda f, m: ctx.progress(Phase.SELECTING, f, m), counts=counts)
@@ -115,7 +119,8 @@ def select_mipp(ctx: SelectionContext) -> Selection:
     """
     ctx.progress(Phase.CAPTURING, 0.0, "recording activations")
     started = time.perf_counter()
-    acts, logits = capture_unit_activations(ctx.model, ctx.groups, ctx.x, device=ctx.device)
+    acts, logits = capture_unit_activations(ctx.model, ctx.groups, ctx.x, device=ctx.device,
+                                            grid=ctx.config.reconstructor.conv_grid)
     capture = time.perf_counter() - started
     ctx.progress(Phase.CAPTURING, 1.0, f"{len(ctx.x)} samples, {len(ctx.groups)} layers")
     config = ctx.config

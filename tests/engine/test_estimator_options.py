@@ -99,3 +99,52 @@ def test_a_linear_reconstructor_on_a_small_layer_removes_its_copy_and_noise():
     decision = terc_select(x, y, config, seed=0)
     kept = set(decision.kept)
     assert len(kept & {0, 3}) == 1 and {1, 2} <= kept and 4 not in kept, sorted(kept)
+
+
+def _grid_layer(seed: int, n: int = 1536, cells: int = 4):
+    """5 units of `cells` columns each (a conv channel on a 2x2 grid): units 0-2 informative,
+    3 an exact copy of 0 (every cell), 4 noise; y reads one cell of each informative unit and
+    the spatial mean of another, so a unit's cells are not interchangeable."""
+    g = torch.Generator().manual_seed(seed)
+    units = torch.randn(4, n, cells, generator=g)
+    x = torch.stack([units[0], units[1], units[2], units[0].clone(), units[3]], dim=1)
+    y = torch.stack([x[:, 0, 0] - x[:, 1, 3], x[:, 1, 1] + x[:, 2].mean(1),
+                     torch.tanh(x[:, 2, 2] + x[:, 0, 1])], dim=1)
+    return x.flatten(1), y  # (n, 5 x cells): unit u is columns u*cells .. u*cells + cells - 1
+
+
+@pytest.mark.parametrize("path", ["fast", "sequential"])
+def test_units_of_several_columns_are_masked_and_decided_whole(path):
+    x, y = _grid_layer(0)
+    config = PruneConfig(path=path, tol=0.05, reconstructor=ReconstructorConfig(**FAST))
+    decision = terc_select(x, y, config, seed=0, features=4)
+    assert decision.size == 5 and len(decision.order) == 5
+    kept = set(decision.kept)
+    assert len(kept & {0, 3}) == 1 and {1, 2} <= kept and 4 not in kept, sorted(kept)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        terc_select(x, y, config, seed=0, features=3)
+
+
+def test_a_conv_grid_summarises_each_channel_by_its_cells():
+    from mipp.activations import capture_unit_activations
+    from mipp.groups import find_unit_groups
+    from mipp.zoo import build_model
+    model = build_model("lenet5", (1, 28, 28), 10, seed=0)
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    groups = find_unit_groups(model, x[:1])
+    mean, _ = capture_unit_activations(model, groups, x)
+    grid, logits = capture_unit_activations(model, groups, x, grid=2)
+    for g in groups:
+        # conv channels get 4 cells, a Linear's units 1
+        assert grid[g.name].shape == (*mean[g.name].shape, 4 if g.name.startswith("conv") else 1)
+    # conv1's 14x14 maps split into four equal 7x7 cells, whose means average to the spatial
+    # mean; conv2's 5x5 maps (read by fc1 through the Flatten) into adaptive pooling's
+    # overlapping 3x3 windows.
+    assert torch.allclose(grid["conv1"].mean(2), mean["conv1"], atol=1e-5)
+    assert torch.allclose(grid["fc1"][..., 0], mean["fc1"], atol=1e-6)
+    with torch.no_grad():
+        maps = model.pool2(model.relu2(model.conv2(model.pool1(model.relu1(model.conv1(x))))))
+    assert maps.shape[2:] == (5, 5)
+    assert torch.allclose(grid["conv2"][:, :, 0], maps[:, :, :3, :3].mean((2, 3)), atol=1e-5)
+    assert torch.allclose(grid["conv2"][:, :, 3], maps[:, :, 2:, 2:].mean((2, 3)), atol=1e-5)
+    assert logits.shape == (8, 10)
