@@ -339,6 +339,42 @@ def _units_kept(row: dict) -> int:
     return sum(len(kept) for kept in row["masks"].values())
 
 
+def _render_paired_options(rows: list[dict]) -> list[str]:
+    """Each option against the default of the same code, seed and target, paired by seed (95%
+    t-interval), where at least 2 seeds ran both; a later row of the same cell replaces an
+    earlier."""
+    last = {(r["code"], r["label"], r["seed"], r["settings"]["target"]): r for r in rows}
+    out = []
+    for code, label, target in dict.fromkeys((c, lab, t) for c, lab, _, t in last):
+        if label in ("default", "thinet"):
+            continue
+        seeds = sorted(s for c, lab, s, t in last if (c, lab, t) == (code, label, target)
+                       and (code, "default", s, target) in last)
+        if len(seeds) < 2:
+            continue
+        opt = [last[(code, label, s, target)] for s in seeds]
+        base = [last[(code, "default", s, target)] for s in seeds]
+        diffs = [o["accuracy"]["retrained"] - b["accuracy"]["retrained"] for o, b in zip(opt, base)]
+        m, sd = _mean_sd(diffs)
+        half = _t975(len(diffs) - 1) * sd / len(diffs) ** 0.5
+        ratios = [o["seconds"]["selection"] / b["seconds"]["selection"] for o, b in zip(opt, base)]
+        per_seed = ", ".join(f"{s}: {d:+.4f}" for s, d in zip(seeds, diffs))
+        removed = ", ".join(f"{o['removed_fraction']:.1%}/{b['removed_fraction']:.1%}"
+                            for o, b in zip(opt, base))
+        wins = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
+        if not out:
+            out = ["Paired by seed, option - default of the same code and target (95% "
+                   "t-interval; selection x: the option's seconds over the default's):", "",
+                   "| code | option | target | seeds | retrained diff mean [95% CI] | wins / ties "
+                   "/ losses | per seed | removed per seed (option/default) | selection x mean "
+                   "(min-max) |", "|---|---|---|---|---|---|---|---|---|"]
+        out.append(f"| {code} | {label} | {target} | {len(seeds)} | {m:+.4f} [{m - half:+.4f}, "
+                   f"{m + half:+.4f}] | {wins[0]} / {wins[1]} / {wins[2]} | {per_seed} "
+                   f"| {removed} | {sum(ratios) / len(ratios):.2f} ({min(ratios):.2f}-"
+                   f"{max(ratios):.2f}) |")
+    return out + [""] if out else []
+
+
 def _render_target_seeds(rows: list[dict]) -> list[str]:
     """Per target and code: landed fraction, retrained accuracy, selection seconds as a ratio to
     the same seed's default-tol sweep of the same code, sweeps; then each code - "before" paired
@@ -530,6 +566,7 @@ def render(results: Path) -> str:
                        + versus + f"| {r['accuracy']['retrained']:.4f} "
                        f"| {r['loadavg_before']:.1f}-{r['loadavg_after']:.1f} |")
         out.append("")
+        out += _render_paired_options(options)
     ablation = _read(results / "mnist_lenet-ablation.jsonl")
     if ablation:
         names = ["reference_fit", "control", "ordering", "screening", "finetune"]
