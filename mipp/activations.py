@@ -8,6 +8,10 @@ for the stream, which each consumer sees at a different depth).
 
     acts, logits = capture_unit_activations(model, groups, x, batch_size=256)
     acts["conv1"].shape == (len(x), groups[0].size)
+
+With `grid=g` (`reconstructor.conv_grid`) a conv channel is summarised by its means over a g x g
+grid of spatial cells instead (adaptive average pooling), and every group's activations are
+(n, size, cells): cells = g² for a channel, 1 for a Linear's units.
 """
 
 from __future__ import annotations
