@@ -24,6 +24,14 @@ from torch import nn
 from mipp.groups import UnitGroup
 
 
+def _at(inputs: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """inputs' columns (dim 1) at `index`, e.g. the second half of a concatenation (all of them
+    when None or when `index` is every column in order)."""
+    if index is None or (len(index) == inputs.shape[1] and index[-1] == len(index) - 1):
+        return inputs
+    return inputs[:, index.to(inputs.device)]
+
+
 def _grid_pool(inputs: torch.Tensor, size: int, index: torch.Tensor | None, grid: int
                ) -> torch.Tensor:
     """(n, C, H, W) conv input or (n, F) flat input -> (n, size, cells): each channel's mean
@@ -31,8 +39,7 @@ def _grid_pool(inputs: torch.Tensor, size: int, index: torch.Tensor | None, grid
     has no square spatial layout of at least grid x grid (a Linear's units)."""
     n = inputs.shape[0]
     if inputs.dim() == 2:
-        if index is not None and (len(index) != inputs.shape[1] or index[-1] != len(index) - 1):
-            inputs = inputs[:, index.to(inputs.device)]
+        inputs = _at(inputs, index)
         k = inputs.shape[1] // size
         side = int(round(k ** 0.5))
         if side * side != k or side < grid:
@@ -42,8 +49,7 @@ def _grid_pool(inputs: torch.Tensor, size: int, index: torch.Tensor | None, grid
     if inputs.dim() != 4 or min(inputs.shape[2:]) < grid:
         return _pool(inputs, size, index).unsqueeze(-1)
     cells = torch.nn.functional.adaptive_avg_pool2d(inputs, grid).flatten(2)  # (n, C, cells)
-    if index is not None and (len(index) != cells.shape[1] or index[-1] != len(index) - 1):
-        cells = cells[:, index.to(cells.device)]
+    cells = _at(cells, index)
     if cells.shape[1] != size:
         cells = cells.reshape(n, size, -1, cells.shape[2]).mean(2)
     return cells
@@ -54,8 +60,7 @@ def _pool(inputs: torch.Tensor, size: int, index: torch.Tensor | None = None) ->
     features, `size * k` of them after a Flatten) at `index` (all of them when None)."""
     if inputs.dim() > 2:
         inputs = inputs.flatten(2).mean(-1)
-    if index is not None and (len(index) != inputs.shape[1] or index[-1] != len(index) - 1):
-        inputs = inputs[:, index.to(inputs.device)]  # e.g. the second half of a concatenation
+    inputs = _at(inputs, index)
     if inputs.shape[1] == size:
         return inputs
     return inputs.reshape(inputs.shape[0], size, -1).mean(-1)
